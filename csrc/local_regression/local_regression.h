@@ -1,0 +1,35 @@
+// Torch-facing declarations of the local_regression ops: argument checking shared by every
+// backend, and the per-backend entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "local_regression/local_regression_math.h"
+
+namespace reggan_ext {
+
+// Checks the forward arguments and returns their geometry; throws ValueError/TypeError that name
+// the offending argument.
+LocalGeometry check_forward_args(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups);
+
+LocalGeometry check_backward_input_args(const at::Tensor& grad_output, const at::Tensor& weight,
+                                        at::IntArrayRef input_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups);
+
+LocalGeometry check_backward_weight_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups);
+
+// Sizes of the tensors of a geometry.
+std::vector<int64_t> input_shape(const LocalGeometry& g);
+std::vector<int64_t> output_shape(const LocalGeometry& g);
+std::vector<int64_t> weight_shape(const LocalGeometry& g);
+
+}  // namespace reggan_ext

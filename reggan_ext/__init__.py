@@ -1,0 +1,9 @@
+"""reggan-ext: fused C++/CUDA kernels for RegGAN's locally connected regression layer."""
+
+from reggan_ext import _C  # noqa: F401  (loads the library that registers the ops)
+from reggan_ext import reference
+from reggan_ext.modules import LocalRegression
+from reggan_ext.ops import cuda_built, local_regression
+
+__all__ = ["LocalRegression", "cuda_built", "local_regression", "reference"]
+__version__ = "0.1.0"

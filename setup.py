@@ -1,0 +1,108 @@
+"""Builds reggan_ext's kernels: the C++ ops always, the CUDA ops when CUDA is available.
+
+Environment:
+  REGGAN_EXT_CUDA=0|1     force the CUDA build off or on (default: on when torch is a CUDA build
+                          and a CUDA toolkit is found).
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default: "8.0;9.0").
+  MAX_JOBS                parallel compile jobs (ninja).
+
+Build with `pip install --no-build-isolation .` so the kernels are compiled against the torch
+that will run them.
+"""
+
+import glob
+import importlib.util
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "reggan-ext builds against the installed torch: install torch first, then run "
+        "`pip install --no-build-isolation .` (see README.md)."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def want_cuda() -> bool:
+    requested = os.environ.get("REGGAN_EXT_CUDA", "").strip()
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if requested == "0":
+        return False
+    if requested == "1":
+        if not available:
+            sys.exit(
+                "REGGAN_EXT_CUDA=1 but CUDA cannot be built: "
+                f"torch {torch.__version__} has CUDA {torch.version.cuda}, "
+                f"CUDA toolkit found at {cpp_extension.CUDA_HOME}. Install a CUDA build of torch "
+                "and a CUDA toolkit (set CUDA_HOME), or build with REGGAN_EXT_CUDA=0."
+            )
+        return True
+    if requested:
+        sys.exit(f"REGGAN_EXT_CUDA must be 0 or 1, got {requested!r}")
+    return available
+
+
+def pip_cuda_include_dirs() -> list:
+    """Headers of the nvidia-* wheels that a CUDA build of torch depends on (cuda_runtime etc.),
+    which a bare nvcc install may lack."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for base in spec.submodule_search_locations:
+        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        found += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+
+
+def sources(with_cuda: bool) -> list:
+    cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    if not with_cuda:
+        return [s for s in cpp if f"{os.sep}cuda{os.sep}" not in s]
+    return cpp + sorted(glob.glob("csrc/**/*.cu", recursive=True))
+
+
+def extension():
+    with_cuda = want_cuda()
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    kwargs = dict(
+        name="reggan_ext._C",
+        sources=sources(with_cuda),
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+    if not with_cuda:
+        return cpp_extension.CppExtension(extra_compile_args={"cxx": cxx_flags}, **kwargs)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    define_macros.append(("REGGAN_EXT_WITH_CUDA", None))
+    # After the toolkit's own include folder, which cpp_extension puts first.
+    include_dirs += pip_cuda_include_dirs()
+    nvcc_flags = ["-O3", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs
+    )
+
+
+setup(
+    name="reggan-ext",
+    version="0.1.0",
+    description="Fused C++/CUDA kernels for RegGAN's locally connected regression layer",
+    packages=find_packages(include=["reggan_ext", "reggan_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
