@@ -96,7 +96,7 @@ class LocalRegression(nn.Module):
             if self.init == "identity":
                 self.weight.zero_()
                 in_per_group = self.in_channels // self.groups
-                centre_u, centre_v = (k // 2 if k % 2 else (k - 1) // 2 for k in self.kernel_size)
+                centre_u, centre_v = ((k - 1) // 2 for k in self.kernel_size)
                 for o in range(self.out_channels):
                     self.weight[o, o % in_per_group, centre_u, centre_v] = 1
                 if self.bias is not None:

@@ -1,0 +1,361 @@
+"""LocalRegression op and module against the unfold reference: values, gradients, geometry sweep,
+opcheck, torch.compile, bad inputs and the module's nn.Conv2d conventions."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reggan_ext
+from reggan_ext import LocalRegression, local_regression, reference
+from reggan_ext.ops import check_device_supported
+
+from conftest import TOLERANCES
+
+ops = torch.ops.reggan_ext
+
+
+def random_layer_inputs(batch, in_ch, out_ch, size, kernel, stride=1, padding=0, dilation=1,
+                        groups=1, bias=True, dtype=torch.float64, device="cpu"):
+    layer = LocalRegression(in_ch, out_ch, kernel, size, stride, padding, dilation, groups, bias,
+                            dtype=dtype, device=device)
+    x = torch.randn(batch, in_ch, *size, dtype=dtype, device=device)
+    return layer, x
+
+
+def reference_grads(fn, x, weight, bias, grad_output):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    y = fn(leaves[0], leaves[1], b)
+    y.backward(grad_output)
+    return y.detach(), leaves[0].grad, leaves[1].grad, None if b is None else b.grad
+
+
+def check_against_reference(layer, x, dtype):
+    """Forward and every gradient of `layer` (through the kernels) against the unfold oracle."""
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    grad_output = torch.randn_like(y)
+    layer.zero_grad()
+    y.backward(grad_output)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+
+    def oracle(xx, w, b):
+        padded = F.pad(xx, layer._explicit_pad, mode=mode)
+        return reference.local_regression(padded, w, b, layer.stride, 0, layer.dilation,
+                                          layer.groups)
+
+    ref_y, ref_gx, ref_gw, ref_gb = reference_grads(oracle, x, layer.weight, layer.bias,
+                                                    grad_output)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y, ref_y, **tol)
+    torch.testing.assert_close(x.grad, ref_gx, **tol)
+    torch.testing.assert_close(layer.weight.grad, ref_gw, **tol)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, ref_gb, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "batch,in_ch,out_ch,size,kernel,stride,padding,dilation,groups",
+    [
+        (2, 3, 3, (9, 11), 3, 1, 1, 1, 3),  # RegGAN's per-channel layer
+        (1, 3, 3, (16, 16), 5, 1, "same", 1, 3),
+        (3, 4, 6, (10, 7), (2, 3), (2, 1), (1, 2), (1, 2), 2),
+        (1, 2, 4, (8, 8), 5, 3, 2, 2, 1),
+        (3, 5, 5, (13, 6), 4, 1, "same", 1, 5),  # even kernel: asymmetric 'same' padding
+        (2, 2, 2, (7, 9), 1, 2, 0, 1, 1),
+        (0, 3, 3, (5, 5), 3, 1, 1, 1, 1),
+    ],
+)
+def test_matches_reference(device, dtype, batch, in_ch, out_ch, size, kernel, stride, padding,
+                           dilation, groups):
+    torch.manual_seed(0)
+    layer, x = random_layer_inputs(batch, in_ch, out_ch, size, kernel, stride, padding, dilation,
+                                   groups, dtype=dtype, device=device)
+    check_against_reference(layer, x, dtype)
+
+
+def random_geometry(seed):
+    rng = random.Random(seed)
+    groups_kind = rng.choice(["one", "two", "depthwise"])
+    in_ch = rng.choice([2, 4]) if groups_kind == "two" else rng.randint(1, 4)
+    groups = {"one": 1, "two": 2, "depthwise": in_ch}[groups_kind]
+    out_ch = groups * rng.randint(1, 2)
+    kernel = (rng.randint(1, 7), rng.randint(1, 7))
+    stride = (rng.randint(1, 3), rng.randint(1, 3))
+    dilation = (rng.randint(1, 3), rng.randint(1, 3))
+    if stride == (1, 1) and rng.random() < 0.3:
+        padding = "same"
+    else:
+        padding = (rng.randint(0, 3), rng.randint(0, 3))
+    padding_mode = rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"])
+    # Large enough for the dilated kernel and for reflect padding (pad < size).
+    size = tuple(max(d * (k - 1) + 1, 5) + rng.randint(0, 6) for k, d in zip(kernel, dilation))
+    return dict(
+        batch=rng.choice([0, 1, 3]), in_ch=in_ch, out_ch=out_ch, size=size, kernel=kernel,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=rng.random() < 0.8, padding_mode=padding_mode,
+        layout=rng.choice(["contiguous", "channels_last", "transposed"]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_geometry_sweep(seed):
+    g = random_geometry(seed)
+    torch.manual_seed(seed)
+    layer = LocalRegression(g["in_ch"], g["out_ch"], g["kernel"], g["size"], g["stride"],
+                            g["padding"], g["dilation"], g["groups"], g["bias"],
+                            padding_mode=g["padding_mode"], dtype=torch.float64)
+    x = torch.randn(g["batch"], g["in_ch"], *g["size"], dtype=torch.float64)
+    if g["layout"] == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif g["layout"] == "transposed":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    check_against_reference(layer, x, torch.float64)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(device, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 2, 3, 2, 4, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, 4, 2, dtype=torch.float64, device=device, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+
+    def fn(x, w, b=None):
+        return local_regression(x, w, b, stride=(2, 2), padding=(1, 0), dilation=(1, 2), groups=2)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def opcheck_samples(device):
+    torch.manual_seed(0)
+    samples = []
+    for x_shape, w_shape, bias, stride, padding, dilation, groups in [
+        ((2, 3, 9, 11), (3, 1, 3, 3, 9, 11), True, (1, 1), (1, 1), (1, 1), 3),
+        ((1, 4, 8, 7), (6, 2, 2, 3, 4, 3), False, (2, 2), (0, 1), (1, 2), 2),
+        ((0, 2, 5, 5), (2, 2, 3, 3, 5, 5), True, (1, 1), (1, 1), (1, 1), 1),
+    ]:
+        for dtype in (torch.float64, torch.float32):
+            kw = dict(dtype=dtype, device=device, requires_grad=True)
+            x, w = torch.randn(x_shape, **kw), torch.randn(w_shape, **kw)
+            b = torch.randn(w_shape[0], *w_shape[4:], **kw) if bias else None
+            samples.append((x, w, b, stride, padding, dilation, groups))
+    return samples
+
+
+def test_opcheck_forward(device):
+    for args in opcheck_samples(device):
+        torch.library.opcheck(ops.local_regression.default, args)
+
+
+def test_opcheck_backward_ops(device):
+    for x, w, b, stride, padding, dilation, groups in opcheck_samples(device):
+        y = ops.local_regression(x, w, b, stride, padding, dilation, groups)
+        gy = torch.randn_like(y)
+        geometry = (stride, padding, dilation, groups)
+        torch.library.opcheck(ops.local_regression_backward_input.default,
+                              (gy, w.detach(), list(x.shape[2:]), *geometry))
+        torch.library.opcheck(ops.local_regression_backward_weight.default,
+                              (gy, x.detach(), list(w.shape[2:4]), *geometry))
+
+
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(0)
+    layer = LocalRegression(3, 3, 3, (16, 12), padding="same", groups=3, device=device)
+    model = torch.nn.Sequential(layer, torch.nn.Tanh())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 16, 12, device=device, requires_grad=True)
+    y_eager = model(x)
+    (gx_eager,) = torch.autograd.grad(y_eager.sum(), x)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(0)
+    layer, x = random_layer_inputs(5, 4, 4, (33, 31), 3, padding=1, groups=2, dtype=torch.float32)
+    x.requires_grad_()
+    grads = []
+    for _ in range(2):
+        layer.zero_grad()
+        x.grad = None
+        layer(x).square().sum().backward()
+        grads.append((x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_nan_propagates():
+    layer, x = random_layer_inputs(1, 3, 3, (8, 8), 3, padding=1, groups=3)
+    x[0, 1, 4, 4] = math.nan
+    y = layer(x)
+    assert torch.isnan(y[0, 1, 3:6, 3:6]).all()
+    assert not torch.isnan(y[0, 0]).any() and not torch.isnan(y[0, 2]).any()
+    assert torch.isnan(y[0, 1]).sum() == 9
+
+
+def test_batch_zero_gradients_are_zero():
+    layer, x = random_layer_inputs(0, 2, 2, (6, 5), 3, padding=1)
+    x.requires_grad_()
+    y = layer(x)
+    assert y.shape == (0, 2, 6, 5)
+    y.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+    assert x.grad.shape == x.shape
+
+
+class TestBadInput:
+    def call(self, x_shape=(2, 3, 8, 8), w_shape=(3, 1, 3, 3, 8, 8), b_shape=(3, 8, 8),
+             stride=1, padding=1, dilation=1, groups=3, x_dtype=torch.float32,
+             w_dtype=torch.float32, w_device="cpu"):
+        x = torch.zeros(x_shape, dtype=x_dtype)
+        w = torch.zeros(w_shape, dtype=w_dtype, device=w_device)
+        b = None if b_shape is None else torch.zeros(b_shape, dtype=w_dtype, device=w_device)
+        return local_regression(x, w, b, stride, padding, dilation, groups)
+
+    def test_valid_call(self):
+        assert self.call().shape == (2, 3, 8, 8)
+
+    @pytest.mark.parametrize("kwargs,error,match", [
+        (dict(x_shape=(3, 8, 8)), ValueError, r"input of shape \(N, C_in, H, W\)"),
+        (dict(w_shape=(3, 1, 3, 3, 64)), ValueError, r"weight of shape \(C_out, C_in/groups"),
+        (dict(w_shape=(3, 1, 3, 3, 7, 8)), ValueError, r"weight of shape .* = \[3, 1, 3, 3, 8, 8\]"),
+        (dict(b_shape=(3, 8)), ValueError, r"bias of shape \(C_out, H_out, W_out\)"),
+        (dict(groups=2), ValueError, r"groups \(2\) must divide the input channels \(3\)"),
+        (dict(groups=0), ValueError, r"groups must be >= 1"),
+        (dict(stride=0), ValueError, r"stride must be >= 1"),
+        (dict(padding=-1), ValueError, r"padding must be >= 0"),
+        (dict(padding="full"), ValueError, r"padding must be 'same', 'valid'"),
+        (dict(stride=2, padding="same"), ValueError, r"padding='same' is not supported for strided"),
+        (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
+        (dict(w_dtype=torch.float64), TypeError, r"weight has dtype Double but input has dtype Float"),
+        (dict(x_dtype=torch.float16, w_dtype=torch.float16), TypeError, r"CPU kernels support float32 and float64"),
+        (dict(x_dtype=torch.int64, w_dtype=torch.int64), TypeError, r"input must be a floating-point"),
+        (dict(x_shape=(2, 3, 2, 2), w_shape=(3, 1, 5, 5, 1, 1), b_shape=None, padding=0), ValueError,
+         r"dilated kernel \(5x5\) is larger than the padded input \(2x2\)"),
+        (dict(w_device="meta"), ValueError, r"weight is on meta but input is on cpu"),
+    ])
+    def test_error(self, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            self.call(**kwargs)
+
+    def test_cuda_tensor_on_cpu_only_build(self, monkeypatch):
+        class FakeCudaTensor:
+            is_cuda = True
+
+        monkeypatch.setattr(reggan_ext.ops, "cuda_built", lambda: False)
+        with pytest.raises(RuntimeError, match="built without CUDA kernels.*REGGAN_EXT_CUDA=1"):
+            check_device_supported(FakeCudaTensor(), "input")
+
+
+def test_cuda_kernels_are_built():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: the CUDA kernels are compiled in CI but run only where a GPU is")
+    assert reggan_ext.cuda_built(), "a GPU is present but reggan_ext was built without CUDA"
+
+
+class TestModule:
+    def test_output_size_and_weight_shape(self):
+        layer = LocalRegression(6, 4, (3, 2), (20, 15), stride=(2, 1), padding=1, dilation=(1, 2),
+                                groups=2)
+        assert layer.output_size == (10, 15)
+        assert layer.weight.shape == (4, 3, 3, 2, 10, 15)
+        assert layer.bias.shape == (4, 10, 15)
+        conv = torch.nn.Conv2d(6, 4, (3, 2), (2, 1), 1, (1, 2), 2)
+        assert conv(torch.zeros(1, 6, 20, 15)).shape[2:] == layer.output_size
+
+    @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+    @pytest.mark.parametrize("padding", ["same", 2, (1, 0)])
+    def test_padding_modes_match_reference(self, padding_mode, padding):
+        torch.manual_seed(0)
+        layer = LocalRegression(3, 3, 4, (9, 10), padding=padding, groups=3,
+                                padding_mode=padding_mode, dtype=torch.float64)
+        check_against_reference(layer, torch.randn(2, 3, 9, 10, dtype=torch.float64),
+                                torch.float64)
+
+    def test_same_padding_keeps_size(self):
+        for k in (1, 2, 3, 4, 5):
+            assert LocalRegression(1, 1, k, (11, 8), padding="same").output_size == (11, 8)
+
+    @pytest.mark.parametrize("kernel", [1, 3, 5])
+    def test_identity_init_reproduces_input(self, kernel):
+        layer = LocalRegression(3, 3, kernel, (12, 9), padding="same", groups=3, init="identity")
+        x = torch.randn(2, 3, 12, 9)
+        torch.testing.assert_close(layer(x), x, rtol=0, atol=0)
+        full = LocalRegression(2, 2, kernel, (12, 9), padding="same", init="identity")
+        torch.testing.assert_close(full(x[:, :2]), x[:, :2], rtol=0, atol=0)
+
+    def test_default_init_mirrors_conv2d(self):
+        torch.manual_seed(0)
+        layer = LocalRegression(4, 8, 3, (32, 32), padding=1, groups=2)
+        bound = 1 / math.sqrt(2 * 3 * 3)
+        for p in (layer.weight, layer.bias):
+            assert p.abs().max() <= bound
+            assert p.abs().max() > 0.95 * bound
+            # U(-b, b) has standard deviation b / sqrt(3).
+            assert abs(p.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+
+    def test_extra_repr(self):
+        layer = LocalRegression(3, 3, 5, (128, 128), padding="same", groups=3, bias=False,
+                                padding_mode="reflect")
+        assert repr(layer) == (
+            "LocalRegression(3, 3, kernel_size=(5, 5), input_size=(128, 128), "
+            "output_size=(128, 128), stride=(1, 1), padding=same, groups=3, bias=False, "
+            "padding_mode=reflect)"
+        )
+
+    def test_state_dict_round_trip(self):
+        a = LocalRegression(3, 3, 3, (10, 10), padding=1, groups=3)
+        b = LocalRegression(3, 3, 3, (10, 10), padding=1, groups=3)
+        b.load_state_dict(a.state_dict())
+        x = torch.randn(2, 3, 10, 10)
+        assert torch.equal(a(x), b(x))
+        other = LocalRegression(3, 3, 3, (12, 10), padding=1, groups=3)
+        with pytest.raises(RuntimeError, match="size mismatch for weight"):
+            other.load_state_dict(a.state_dict())
+
+    def test_in_sequential_trains(self):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(LocalRegression(1, 1, 3, (8, 8), padding=1),
+                                    torch.nn.Sigmoid())
+        x = torch.rand(16, 1, 8, 8)
+        target = torch.sigmoid(x.flip(-1))
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        first = None
+        for _ in range(100):
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), target)
+            loss.backward()
+            opt.step()
+            first = first if first is not None else loss.item()
+        assert loss.item() < 0.2 * first
+
+    def test_wrong_input_size(self):
+        layer = LocalRegression(3, 3, 3, (10, 10), padding=1)
+        with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, 10, 10\), got \(2, 3, 10, 11\)"):
+            layer(torch.zeros(2, 3, 10, 11))
+
+    @pytest.mark.parametrize("kwargs,match", [
+        (dict(groups=2), r"groups \(2\) must divide in_channels \(3\)"),
+        (dict(padding_mode="mirror"), r"padding_mode must be one of"),
+        (dict(init="zeros"), r"init must be one of"),
+        (dict(in_channels=0), r"in_channels must be a positive int"),
+        (dict(out_channels=6, init="identity"), r"init='identity' requires in_channels == out_channels"),
+        (dict(kernel_size=12), r"dilated kernel \(12\) is larger than the padded input \(10\)"),
+        (dict(stride=2, padding="same"), r"padding='same' is not supported for strided"),
+    ])
+    def test_bad_arguments(self, kwargs, match):
+        args = dict(in_channels=3, out_channels=3, kernel_size=3, input_size=(8, 8), padding=1)
+        if "kernel_size" in kwargs:
+            args["padding"] = 0
+            args["input_size"] = (10, 10)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            LocalRegression(**args)
