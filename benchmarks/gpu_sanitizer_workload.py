@@ -1,0 +1,27 @@
+"""A small run of every CUDA kernel, for compute-sanitizer (benchmarks/gpu_check.sh): each dtype,
+odd shapes, strides and groups, forward and backward, and the ridge ops when they are built."""
+
+import torch
+
+import reggan_ext
+
+
+def main():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for kernel, stride, dilation, groups, size in [(3, 1, 1, 3, (13, 17)), ((2, 5), (2, 3), (2, 1), 1, (19, 11))]:
+            layer = reggan_ext.LocalRegression(3, 3, kernel, size, stride, 1, dilation, groups,
+                                               device="cuda", dtype=dtype)
+            x = torch.randn(3, 3, *size, device="cuda", dtype=dtype, requires_grad=True)
+            layer(x).float().square().sum().backward()
+    fit_workload = getattr(reggan_ext, "fit_local_regression", None)
+    if fit_workload is not None:
+        layer = reggan_ext.LocalRegression(3, 3, 3, (13, 17), padding=1, groups=3, device="cuda")
+        x = torch.rand(5, 3, 13, 17, device="cuda")
+        fit_workload(layer, [(x, x.flip(-1))], 0.4)
+    torch.cuda.synchronize()
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
