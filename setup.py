@@ -13,10 +13,30 @@ that will run them.
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
 
+
+def locate_cuda_toolkit() -> None:
+    """Point CUDA_HOME at the toolkit behind `nvcc` when nvcc is a wrapper outside it (as
+    /usr/local/bin/nvcc can be): torch guesses CUDA_HOME as nvcc's grandparent folder and would
+    then miss the toolkit's headers and libcudart."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+locate_cuda_toolkit()
 try:
     import torch
     from torch.utils import cpp_extension
@@ -57,8 +77,9 @@ def pip_cuda_include_dirs() -> list:
         return []
     found = []
     for base in spec.submodule_search_locations:
-        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-        found += sorted(glob.glob(os.path.join(base, "*", "include")))
+        # nvidia/cu13/include (CUDA 13 wheels) or nvidia/cuda_runtime/include (older wheels).
+        for pattern in ("cu[0-9]*", "cuda_*"):
+            found += sorted(glob.glob(os.path.join(base, pattern, "include")))
     return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
 
 
