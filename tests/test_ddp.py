@@ -23,6 +23,7 @@ def make_batch():
 
 
 def ddp_worker(rank, world_size, init_file, out_dir):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:
@@ -32,6 +33,7 @@ def ddp_worker(rank, world_size, init_file, out_dir):
         F.mse_loss(model(x[shard]), y[shard]).backward()
         torch.save({n: p.grad for n, p in model.module.named_parameters()},
                    os.path.join(out_dir, f"grads{rank}.pt"))
+        dist.barrier()  # no rank tears down gloo while the other still uses it
     finally:
         dist.destroy_process_group()
 
