@@ -1,5 +1,7 @@
 """reggan-ext: fused C++/CUDA kernels for RegGAN's locally connected regression layer."""
 
+import torch  # noqa: F401  (loads libtorch, which the kernels library links against)
+
 from reggan_ext import _C  # noqa: F401  (loads the library that registers the ops)
 from reggan_ext import reference
 from reggan_ext.modules import LocalRegression
