@@ -118,11 +118,19 @@ def extension():
 setup(
     name="reggan-ext",
     version="0.1.0",
-    description="Fused C++/CUDA kernels for RegGAN's locally connected regression layer",
-    packages=find_packages(include=["reggan_ext", "reggan_ext.*"]),
+    description="Fused C++/CUDA kernels for RegGAN's locally connected regression layer, "
+    "and the RegGAN application (`reggan`)",
+    packages=find_packages(include=["reggan_ext", "reggan_ext.*"]) + ["reggan"],
+    package_dir={"reggan": "python/reggan"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"]},
+    install_requires=["torch>=2.4", "numpy", "pillow", "scikit-image", "safetensors", "tqdm",
+                      "matplotlib", "pyyaml"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"],
+        # OpenCV's Haar cascades for `reggan prepare`; 5.x wheels no longer ship them.
+        "prepare": ["opencv-python-headless>=4.5,<5"],
+    },
+    entry_points={"console_scripts": ["reggan = reggan.cli:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

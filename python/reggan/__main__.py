@@ -1,0 +1,5 @@
+import sys
+
+from reggan.cli import main
+
+sys.exit(main())

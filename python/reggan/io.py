@@ -1,0 +1,204 @@
+"""Files: atomic writes, output folders that are never silently overwritten, images, and
+checkpoints (safetensors with the config in their metadata, plus a JSON copy beside them)."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from reggan.errors import RegganError
+
+CHECKPOINT_FORMAT = "reggan-checkpoint-1"
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over `path`, so that a
+    reader sees either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(scratch)
+        with open(scratch, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    def write(scratch):
+        with open(scratch, "w") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """uint8 (H, W, 3) or float [0, 1] array to a PNG, atomically."""
+    if image.dtype != np.uint8:
+        image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    _atomic(path, lambda scratch: Image.fromarray(image).save(scratch, format="PNG"))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) floats in [0, 1] -> (N, H, W, 3) uint8."""
+    array = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()
+
+
+MARKER = ".reggan-output"
+
+
+def check_output(path: Path, overwrite: bool, what: str = "output folder") -> Path:
+    """Fail early, before any work, if `path` cannot become this command's output: it exists and
+    is not empty (without --overwrite), was not written by reggan (which --overwrite never
+    deletes), or its parent cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RegganError(f"{what} {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise RegganError(f"{what} {path} already exists and is not empty; pass --overwrite "
+                              "to replace it, or choose another")
+        if not (path / MARKER).exists():
+            raise RegganError(f"{what} {path} is not empty and was not written by reggan; "
+                              "refusing to replace it even with --overwrite")
+    parent = path.parent if not path.is_dir() else path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RegganError(f"cannot write {what} {path}: {parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def staged_output(path: Path, overwrite: bool, what: str = "output folder"):
+    """Yield a scratch folder beside `path`; on success it replaces `path` in one rename, on
+    failure it is removed. So an output is never half-written, and an old one is replaced only
+    by a complete new one."""
+    path = check_output(path, overwrite, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        (scratch / MARKER).touch()
+        yield scratch
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+        os.rename(scratch, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
+    """A training run's folder. Runs write their files atomically as they go (checkpoints are
+    what makes a stopped run resumable), so the folder is used in place rather than staged."""
+    path = Path(path)
+    if resume:
+        if not path.is_dir():
+            raise RegganError(f"cannot resume: run folder {path} does not exist")
+        return path
+    check_output(path, overwrite, "run folder")
+    if path.exists():
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True)
+        (path / MARKER).touch()
+    except OSError as error:
+        raise RegganError(f"cannot create run folder {path}: {error.strerror}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    """`tensors` into a safetensors file whose metadata carries `meta` (JSON) and the format tag;
+    then the same metadata as `<name>.json` beside it for people and tools. Both atomic."""
+    path = Path(path)
+    meta = dict(meta, format=CHECKPOINT_FORMAT)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda scratch: save_file(tensors, scratch,
+                                            metadata={"reggan": json.dumps(meta)}))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+
+
+def read_checkpoint_meta(path: Path) -> Dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise RegganError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("reggan")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RegganError(f"{path} is not a readable safetensors checkpoint: {error}") from None
+    if raw is None:
+        raise RegganError(f"{path} is a safetensors file but not a reggan checkpoint "
+                          "(its metadata has no 'reggan' entry)")
+    meta = json.loads(raw)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise RegganError(f"{path} has checkpoint format {meta.get('format')!r}; this version "
+                          f"reads {CHECKPOINT_FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    meta = read_checkpoint_meta(path)
+    return load_file(str(path)), meta
+
+
+def prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str):
+    """An optimizer's state as flat tensors plus its JSON-able param groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"{prefix}{index}.{name}"] = torch.as_tensor(value)
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor],
+                   groups, prefix: str) -> None:
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in prefixed(tensors, prefix).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def find_checkpoint(run_or_file: Path) -> Optional[Path]:
+    """The newest training checkpoint of a run folder, or the file itself."""
+    path = Path(run_or_file)
+    if path.is_file():
+        return path
+    candidates = sorted((path / "checkpoints").glob("step_*.safetensors"))
+    return candidates[-1] if candidates else None

@@ -1,0 +1,84 @@
+"""`reggan synthesize`: a trained model applied to new faces, one output per expression."""
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from reggan.data import IMAGE_EXTENSIONS, Problems, read_images
+from reggan.errors import RegganError
+from reggan.expressions import resolve
+from reggan.io import save_png, staged_output, to_uint8
+from reggan.runtime import resolve_device
+from reggan.train import load_model
+from reggan.viz import save_grid
+
+log = logging.getLogger("reggan")
+
+GRID_ROWS = 16
+
+
+def list_images(source: Path) -> List[Path]:
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise RegganError(f"input folder {source} holds no images "
+                              f"({' '.join(IMAGE_EXTENSIONS)})")
+        return files
+    raise RegganError(f"input {source} does not exist")
+
+
+@torch.no_grad()
+def transform(model, images: torch.Tensor, expressions: Sequence[int], batch_size: int,
+              device) -> torch.Tensor:
+    """uint8 faces (N, 3, S, S) -> float outputs (N, len(expressions), 3, S, S) in [0, 1]."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device).float().div_(255)
+        row = []
+        for e in expressions:
+            index = torch.full((x.shape[0],), e, dtype=torch.long, device=device)
+            row.append(model(x, index)[1].clamp(0, 1).cpu())
+        out.append(torch.stack(row, 1))
+    return torch.cat(out)
+
+
+def synthesize(model_path: Path, source: Path, out_dir: Path,
+               expressions: Optional[Sequence[str]] = None, batch_size: int = 16,
+               device: str = "auto", strict: bool = False, overwrite: bool = False) -> int:
+    """Writes `<out>/<input path>/<expression>.png` (and input.png) for every input image and
+    expression, plus grid.png; returns the number of faces."""
+    if batch_size < 1:
+        raise RegganError(f"--batch-size must be >= 1, got {batch_size}")
+    files = list_images(source)
+    with staged_output(out_dir, overwrite) as scratch:
+        device = resolve_device(device)
+        model, config = load_model(model_path, device)
+        names = resolve(expressions, model.targets, "target expression") if expressions \
+            else list(model.targets)
+        images = read_images(files, config.data.size, Problems(strict))
+        kept = [(f, i) for f, i in zip(files, images) if i is not None]
+        if not kept:
+            raise RegganError(f"no readable image in {source}")
+        stack = torch.from_numpy(np.stack([i for _, i in kept])).permute(0, 3, 1, 2)
+        outputs = transform(model, stack, [model.targets.index(n) for n in names], batch_size,
+                            device)
+        base = Path(source) if Path(source).is_dir() else Path(source).parent
+        for (path, image), faces in zip(kept, outputs):
+            folder = scratch / path.relative_to(base).with_suffix("")
+            save_png(folder / "input.png", image)
+            for name, face in zip(names, to_uint8(faces)):
+                save_png(folder / f"{name}.png", face)
+        rows = min(GRID_ROWS, len(kept))
+        columns = [stack[:rows].permute(0, 2, 3, 1).numpy()]
+        columns += [to_uint8(outputs[:rows, k]) for k in range(len(names))]
+        save_grid(scratch / "grid.png", columns, ["input"] + names,
+                  [p.stem for p, _ in kept[:rows]])
+    log.info("wrote %d face(s) x %d expression(s) to %s", len(kept), len(names), out_dir)
+    return len(kept)
