@@ -140,6 +140,7 @@ def test_corrupt_and_unknown_files_warn_or_fail_under_strict(tmp_path, caplog):
                            strict=False)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "smirk.png" in messages and "valid expressions are: neutral" in messages
+    assert "skipped" in messages
     assert "a/sad.png" in messages and "could not be read" in messages
     assert len(data) == 3  # a: happy; b: happy, sad
     with pytest.raises(RegganError, match="smirk.png.*strict"):

@@ -40,15 +40,17 @@ class Record:
 
 
 class Problems:
-    """Collects bad inputs: warnings that name them, or one error under strict."""
+    """Reports bad inputs that can be left out: a warning that names them and says they are
+    skipped, or an error under strict."""
 
     def __init__(self, strict: bool):
         self.strict = strict
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, problem: str, items: Sequence = ()) -> None:
+        listed = f": {_listing(items)}" if items else ""
         if self.strict:
-            raise RegganError(f"{message} (strict mode)")
-        log.warning(message)
+            raise RegganError(f"{problem}{listed} (an error under --strict)")
+        log.warning("%s, skipped%s", problem, listed)
 
 
 def _listing(items: Sequence, limit: int = 5) -> str:
@@ -145,7 +147,7 @@ def _scan_manifest(csv_path: Path, known, problems: Problems) -> Tuple[List[Reco
             continue
         if len(row) < len(header):
             problems(f"manifest {csv_path} line {line} has {len(row)} fields, expected "
-                     f"{len(header)}; skipped")
+                     f"{len(header)}")
             continue
         subject, expression, path = (row[c].strip() for c in columns)
         path = Path(path) if Path(path).is_absolute() else csv_path.parent / path
@@ -177,8 +179,8 @@ def scan(path, layout: str, vocabulary: Sequence[str], strict: bool) -> List[Rec
     else:
         records, unknown = _scan_manifest(path, known, problems)
     if unknown:
-        problems(f"{len(unknown)} file(s) of {path} name no known expression and are skipped: "
-                 f"{_listing(unknown)}; valid expressions are: {', '.join(known)}")
+        problems(f"{len(unknown)} file(s) of {path} name no known expression (valid "
+                 f"expressions are: {', '.join(known)})", unknown)
     outside = sorted({r.expression for r in records if r.expression not in vocabulary})
     if outside:
         log.info("ignoring expressions outside data.expressions: %s", ", ".join(outside))
@@ -193,8 +195,7 @@ def scan(path, layout: str, vocabulary: Sequence[str], strict: bool) -> List[Rec
         else:
             kept[key] = record
     if duplicates:
-        problems(f"{len(duplicates)} image(s) repeat a subject's expression and are skipped: "
-                 f"{_listing(duplicates)}")
+        problems(f"{len(duplicates)} image(s) repeat a subject's expression", duplicates)
     if not kept:
         raise RegganError(f"dataset {path} has no images of the expressions "
                           f"{', '.join(vocabulary)}")
@@ -239,7 +240,7 @@ def read_images(paths: Sequence[Path], size: int,
     if resized:
         log.info("resized %d image(s) to %dx%d, e.g. %s", len(resized), size, size, resized[0])
     if bad:
-        problems(f"{len(bad)} image(s) could not be read and are skipped: {_listing(bad)}")
+        problems(f"{len(bad)} image(s) could not be read", bad)
     return out
 
 
@@ -288,8 +289,8 @@ def pair_up(name: str, records: Sequence[Record], images: Sequence[Optional[np.n
         else:
             unpaired.append(subject)
     if unpaired:
-        problems(f"{len(unpaired)} subject(s) lack a {source} face or any target expression "
-                 f"and are skipped: {_listing(unpaired)}")
+        problems(f"{len(unpaired)} subject(s) lack a {source} face or any target expression",
+                 unpaired)
     if not kept:
         raise RegganError(f"{name}: no subject has both a {source} face and one of "
                           f"{', '.join(targets)}")

@@ -130,7 +130,7 @@ def demo(out_dir: Path, overrides=(), config_file=None, overwrite: bool = False,
                 captions.append(name[4:])
         astronaut = _astronaut(config.data.size, detector)
         if astronaut is not None:
-            inputs.append(torch.from_numpy(astronaut).permute(2, 0, 1))
+            inputs.append(torch.tensor(astronaut).permute(2, 0, 1))
             captions.append("astronaut")
         else:
             log.warning("no face found in the astronaut photo; it is left out")

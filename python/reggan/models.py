@@ -40,56 +40,88 @@ class RegressionStage(nn.Module):
         return out
 
 
-def _conv(in_channels, out_channels, kernel, stride=1, zero=False):
+def _conv(in_channels, out_channels, kernel, stride=1, zero=False, bias=False):
+    # No bias before an InstanceNorm: the norm removes it, and Adam would turn its vanishing
+    # gradient into noise-driven updates.
     conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding=(kernel - 1) // 2
-                     if stride == 1 else 1, padding_mode="reflect" if stride == 1 else "zeros")
+                     if stride == 1 else 1, padding_mode="reflect" if stride == 1 else "zeros",
+                     bias=bias)
     if zero:
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
     return conv
 
 
-class _Residual(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.body = nn.Sequential(
-            _conv(channels, channels, 3), nn.InstanceNorm2d(channels, affine=True), nn.ReLU(True),
-            _conv(channels, channels, 3), nn.InstanceNorm2d(channels, affine=True),
-        )
+class _ConditionalNorm(nn.Module):
+    """Instance normalization whose scale and shift depend on the target expression (FiLM /
+    conditional instance norm). A constant condition plane concatenated to the input, as in
+    StarGAN, would be removed by the first instance norm; this conditions every layer."""
 
-    def forward(self, x):
-        return x + self.body(x)
+    def __init__(self, channels: int, conditions: int):
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(channels, affine=False)
+        self.scale = nn.Embedding(conditions, channels)
+        self.shift = nn.Embedding(conditions, channels)
+        nn.init.ones_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x, condition):
+        return self.norm(x) * self.scale(condition)[:, :, None, None] + \
+            self.shift(condition)[:, :, None, None]
+
+
+class _Block(nn.Module):
+    """conv -> conditional norm -> ReLU (optionally after a 2x nearest upsampling)."""
+
+    def __init__(self, in_channels, out_channels, kernel, conditions, stride=1, upsample=False):
+        super().__init__()
+        self.upsample = upsample
+        self.conv = _conv(in_channels, out_channels, kernel, stride)
+        self.norm = _ConditionalNorm(out_channels, conditions)
+
+    def forward(self, x, condition):
+        if self.upsample:
+            # Nearest upsampling then a convolution: no checkerboard artefacts.
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.relu(self.norm(self.conv(x), condition))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels, conditions):
+        super().__init__()
+        self.first = _Block(channels, channels, 3, conditions)
+        self.conv = _conv(channels, channels, 3)
+        self.norm = _ConditionalNorm(channels, conditions)
+
+    def forward(self, x, condition):
+        return x + self.norm(self.conv(self.first(x, condition)), condition)
 
 
 class Generator(nn.Module):
-    """Encoder, residual blocks, decoder; conditioned on the target expression by one-hot planes
-    concatenated to its input (as in StarGAN). Its output is added to its input, and its last
-    layer starts at zero, so it begins as the identity and learns a correction."""
+    """Encoder, residual blocks, decoder, conditioned on the target expression through every
+    normalization layer. Its output is added to its input, and its last layer starts at zero,
+    so it begins as the identity and learns a correction."""
 
     def __init__(self, channels: int, conditions: int, width: int = 32, blocks: int = 4,
                  downsamplings: int = 2):
         super().__init__()
-        self.conditions = conditions
-        layers = [_conv(channels + conditions, width, 7), nn.InstanceNorm2d(width, affine=True),
-                  nn.ReLU(True)]
+        layers = [_Block(channels, width, 7, conditions)]
         w = width
         for _ in range(downsamplings):
-            layers += [_conv(w, 2 * w, 4, stride=2), nn.InstanceNorm2d(2 * w, affine=True),
-                       nn.ReLU(True)]
+            layers.append(_Block(w, 2 * w, 4, conditions, stride=2))
             w *= 2
-        layers += [_Residual(w) for _ in range(blocks)]
+        layers += [_Residual(w, conditions) for _ in range(blocks)]
         for _ in range(downsamplings):
-            # Nearest upsampling then a convolution: no checkerboard artefacts.
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(w, w // 2, 3),
-                       nn.InstanceNorm2d(w // 2, affine=True), nn.ReLU(True)]
+            layers.append(_Block(w, w // 2, 3, conditions, upsample=True))
             w //= 2
-        layers.append(_conv(w, channels, 7, zero=True))
-        self.body = nn.Sequential(*layers)
+        self.layers = nn.ModuleList(layers)
+        self.out = _conv(w, channels, 7, zero=True, bias=True)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        planes = F.one_hot(target, self.conditions).to(x.dtype)[:, :, None, None]
-        planes = planes.expand(-1, -1, *x.shape[2:])
-        return x + self.body(torch.cat([x * 2 - 1, planes], 1))
+        h = x * 2 - 1
+        for layer in self.layers:
+            h = layer(h, target)
+        return x + self.out(h)
 
 
 class Discriminator(nn.Module):

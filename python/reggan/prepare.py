@@ -159,10 +159,9 @@ def prepare_folder(source: Path, out_dir: Path, size: int, detector_name: str,
         save_png(out_dir / path.relative_to(base).with_suffix(".png"), crop)
         written += 1
     if unreadable:
-        problems(f"{len(unreadable)} image(s) could not be read and are skipped: "
-                 f"{', '.join(unreadable[:5])}")
+        problems(f"{len(unreadable)} image(s) could not be read", unreadable)
     if faceless:
-        problems(f"no face found in {len(faceless)} image(s), skipped: {', '.join(faceless[:5])}")
+        problems(f"no face found in {len(faceless)} image(s)", faceless)
     if written == 0:
         raise RegganError(f"no face was found in any image of {source}")
     return written, len(unreadable) + len(faceless)
