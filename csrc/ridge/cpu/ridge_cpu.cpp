@@ -2,6 +2,13 @@
 // instruction set: AVX-512 and AVX2 on x86-64 with GCC, and the build's baseline everywhere. The
 // one that runs follows ATen's CPU capability, so ATEN_CPU_CAPABILITY=avx2|default selects a
 // narrower path as it does for torch's own kernels.
+// The solver templates of ridge_math.h are written for the default instruction set and forced
+// inline into the wider ones, so their vector values never cross a call: the ABI note that GCC
+// gives for them does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
