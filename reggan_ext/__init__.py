@@ -6,6 +6,10 @@ from reggan_ext import _C  # noqa: F401  (loads the library that registers the o
 from reggan_ext import reference
 from reggan_ext.modules import LocalRegression
 from reggan_ext.ops import cuda_built, local_regression
+from reggan_ext.ridge import RidgeFitter, fit_local_regression, ridge_loss
 
-__all__ = ["LocalRegression", "cuda_built", "local_regression", "reference"]
+__all__ = [
+    "LocalRegression", "RidgeFitter", "cuda_built", "fit_local_regression", "local_regression",
+    "reference", "ridge_loss",
+]
 __version__ = "0.1.0"

@@ -116,14 +116,17 @@ class LocalRegression(nn.Module):
                 f"LocalRegression: expected input of shape (N, {self.in_channels}, "
                 f"{self.input_size[0]}, {self.input_size[1]}), got {tuple(input.shape)}"
             )
+        padded, padding = self.pad_input(input)
+        return local_regression(padded, self.weight, self.bias, self.stride, padding,
+                                self.dilation, self.groups)
+
+    def pad_input(self, input: torch.Tensor):
+        """The input as the local_regression op reads it, and the zero padding the op adds:
+        non-zero padding modes and asymmetric 'same' padding are applied here with F.pad."""
         if self._pads_in_kernel:
-            return local_regression(input, self.weight, self.bias, self.stride,
-                                    (self._explicit_pad[2], self._explicit_pad[0]),
-                                    self.dilation, self.groups)
+            return input, (self._explicit_pad[2], self._explicit_pad[0])
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        padded = F.pad(input, self._explicit_pad, mode=mode)
-        return local_regression(padded, self.weight, self.bias, self.stride, 0, self.dilation,
-                                self.groups)
+        return F.pad(input, self._explicit_pad, mode=mode), (0, 0)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -15,6 +15,8 @@ void check_pair(const char* name, at::IntArrayRef value, int64_t minimum) {
                     " must be >= ", minimum, ", got ", value);
 }
 
+}  // namespace
+
 // Validates the hyperparameters and derives the output size with nn.Conv2d's formula.
 LocalGeometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_height,
                             int64_t in_width, int64_t out_channels, int64_t kernel_h,
@@ -57,6 +59,8 @@ LocalGeometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_heigh
   g.out_width = (padded_w - extent_w) / g.stride_w + 1;
   return g;
 }
+
+namespace {
 
 void check_floating(const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "local_regression: ", name,

@@ -10,6 +10,12 @@
 
 namespace reggan_ext {
 
+// Validates the hyperparameters and derives the output size with nn.Conv2d's formula.
+LocalGeometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_height,
+                            int64_t in_width, int64_t out_channels, int64_t kernel_h,
+                            int64_t kernel_w, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups);
+
 // Checks the forward arguments and returns their geometry; throws ValueError/TypeError that name
 // the offending argument.
 LocalGeometry check_forward_args(const at::Tensor& input, const at::Tensor& weight,

@@ -1,0 +1,176 @@
+// CPU kernels of the ridge ops. The kernels (ridge_cpu_kernels.h) are compiled once per
+// instruction set: AVX-512 and AVX2 on x86-64 with GCC, and the build's baseline everywhere. The
+// one that runs follows ATen's CPU capability, so ATEN_CPU_CAPABILITY=avx2|default selects a
+// narrower path as it does for torch's own kernels.
+// The solver templates of ridge_math.h are written for the default instruction set and forced
+// inline into the wider ones, so their vector values never cross a call: the ABI note that GCC
+// gives for them does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "ridge/ridge.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define REGGAN_RIDGE_X86_ISAS 1
+#endif
+
+namespace reggan_ext {
+namespace {
+
+// Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
+constexpr int64_t kMinTaskWork = 1 << 16;
+// Samples per pass are chosen so that their design rows fit in about this much L1.
+constexpr int64_t kScratchBytes = 16 << 10;
+
+}  // namespace
+
+#ifdef REGGAN_RIDGE_X86_ISAS
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace ridge_avx512 {
+constexpr int kVectorBytes = 64;
+constexpr int kTile = 4;  // 16 accumulators + 5 operands of 32 registers
+#include "ridge/cpu/ridge_cpu_kernels.h"
+}  // namespace ridge_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace ridge_avx2 {
+constexpr int kVectorBytes = 32;
+constexpr int kTile = 3;  // 9 accumulators + 4 operands of 16 registers
+#include "ridge/cpu/ridge_cpu_kernels.h"
+}  // namespace ridge_avx2
+#pragma GCC pop_options
+#endif
+
+namespace ridge_baseline {
+constexpr int kVectorBytes = 16;
+constexpr int kTile = 3;
+#include "ridge/cpu/ridge_cpu_kernels.h"
+}  // namespace ridge_baseline
+
+namespace {
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#ifdef REGGAN_RIDGE_X86_ISAS
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw")) {
+      return Isa::kAvx512;
+    }
+    if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma")) {
+      return Isa::kAvx2;
+    }
+#endif
+    return Isa::kBaseline;
+  }();
+  return isa;
+}
+
+std::string cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+// Calls fn with the Tag of the instruction set that runs.
+template <typename Fn>
+void with_cpu_isa(Fn&& fn) {
+  switch (cpu_isa()) {
+#ifdef REGGAN_RIDGE_X86_ISAS
+    case Isa::kAvx512:
+      return fn(ridge_avx512::Tag{});
+    case Isa::kAvx2:
+      return fn(ridge_avx2::Tag{});
+#endif
+    default:
+      return fn(ridge_baseline::Tag{});
+  }
+}
+
+void accumulate_cpu(const at::Tensor& gram, const at::Tensor& cross, const at::Tensor& target_sq,
+                    const at::Tensor& input, const at::Tensor& target,
+                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, bool bias) {
+  const RidgeGeometry rg = check_accumulate_args(gram, cross, target_sq, input, target,
+                                                 kernel_size, stride, padding, dilation, groups,
+                                                 bias);
+  if (rg.layer.batch == 0 || rg.pixels() == 0) return;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor y = target.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_accumulate_cpu", [&] {
+    using acc_t = scalar_t;
+    acc_t* g = gram.mutable_data_ptr<acc_t>();
+    acc_t* r = cross.mutable_data_ptr<acc_t>();
+    acc_t* yy = target_sq.mutable_data_ptr<acc_t>();
+    if (x.scalar_type() == at::kFloat) {
+      const float* xp = x.const_data_ptr<float>();
+      const float* yp = y.const_data_ptr<float>();
+      with_cpu_isa([&](auto isa) { accumulate(isa, xp, yp, g, r, yy, rg); });
+    } else if constexpr (std::is_same_v<acc_t, double>) {
+      const double* xp = x.const_data_ptr<double>();
+      const double* yp = y.const_data_ptr<double>();
+      with_cpu_isa([&](auto isa) { accumulate(isa, xp, yp, g, r, yy, rg); });
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& gram, const at::Tensor& cross,
+                                             const at::Tensor& lam, bool penalize_last) {
+  const SolveSizes s = check_solve_args(gram, cross, lam);
+  const at::Tensor g = gram.contiguous();
+  const at::Tensor r = cross.contiguous();
+  const at::Tensor l = lam.contiguous();
+  at::Tensor solution = at::empty(cross.sizes(), cross.options());
+  at::Tensor info = at::empty({s.groups, s.height, s.width}, gram.options().dtype(at::kInt));
+  if (s.pixels() == 0) return {solution, info};
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_solve_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    const scalar_t* lp = l.const_data_ptr<scalar_t>();
+    scalar_t* wp = solution.mutable_data_ptr<scalar_t>();
+    int32_t* ip = info.mutable_data_ptr<int32_t>();
+    with_cpu_isa([&](auto isa) { solve(isa, gp, rp, lp, wp, ip, s, penalize_last); });
+  });
+  return {solution, info};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
+  // The instruction set the CPU ridge kernels use: "avx512", "avx2" or "baseline".
+  m.def("ridge_cpu_isa() -> str", &cpu_isa_name);
+}
+
+TORCH_LIBRARY_IMPL(reggan_ext, CPU, m) {
+  m.impl("ridge_accumulate_", &accumulate_cpu);
+  m.impl("ridge_solve", &solve_cpu);
+}
+
+}  // namespace reggan_ext
