@@ -19,7 +19,7 @@ from reggan.errors import RegganError
 from reggan.metrics import PSNR, SSIM
 from reggan.train import load_model, run
 
-MODE = "refinement"
+MODE = "reggan"
 TINY = [
     "data.builtin_identities=6", "data.builtin_test_identities=2", "data.size=32",
     "model.kernel_size=3", "model.gen_width=8", "model.gen_blocks=1", "model.disc_width=8",

@@ -96,8 +96,10 @@ class Config:
 # Keys that may differ between a checkpoint and the run that resumes from it.
 RESUMABLE_CHANGES = ("train.steps", "train.preview_every", "train.checkpoint_every",
                      "train.device", "train.amp", "data.strict")
-# Keys that fix the shape of the inference model.
+# Keys that fix the shape of the inference model, and of its regression stage.
 MODEL_KEYS = ("data.expressions", "data.source", "data.targets", "data.size", "model.")
+STAGE1_KEYS = ("data.expressions", "data.source", "data.targets", "data.size",
+               "model.kernel_size")
 
 _CHOICES = {
     "data.layout": ("auto", "folders", "flat", "manifest"),

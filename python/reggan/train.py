@@ -66,9 +66,10 @@ def save_model(path: Path, model: RegGAN, config: Config, step: int) -> None:
     save_checkpoint(path, tensors, model_meta(config, step))
 
 
-def load_model(path, device="cpu", config: Optional[Config] = None):
+def load_model(path, device="cpu", config: Optional[Config] = None,
+               keys=configs.MODEL_KEYS):
     """(model, config) from a model or training checkpoint (file or run folder). With `config`,
-    the checkpoint must have been made with the same model settings."""
+    the checkpoint must have been made with the same settings of `keys`."""
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if path.is_dir() and not file.exists():
@@ -78,7 +79,7 @@ def load_model(path, device="cpu", config: Optional[Config] = None):
     tensors, meta = load_checkpoint(file)
     saved = configs.validate(configs.from_dict(meta["config"]))
     if config is not None:
-        changed = configs.differences(saved.to_dict(), config.to_dict(), configs.MODEL_KEYS)
+        changed = configs.differences(saved.to_dict(), config.to_dict(), keys)
         if changed:
             raise RegganError(f"checkpoint {file} was made with another config: "
                               f"{_describe_changes(changed, saved, config)}")
@@ -229,7 +230,7 @@ class Trainer:
         """Regression weights from another run (e.g. `reggan fit`), which must match."""
         if self.model.regression is None:
             raise RegganError("--stage1 was given but model.mode=refinement has no regression")
-        model, _ = load_model(source, "cpu", self.config)
+        model, _ = load_model(source, "cpu", self.config, configs.STAGE1_KEYS)
         if model.regression is None:
             raise RegganError(f"{source} has no regression stage (model.mode=refinement)")
         self.model.regression.load_state_dict(model.regression.state_dict())
