@@ -263,6 +263,29 @@ def test_fit_then_train_from_stage1(tmp_path, capsys):
     assert_one_line_error(capsys, "another config", "model.kernel_size is 3 there, 5 here")
 
 
+def tiny_model_regression():
+    from reggan.train import build_model
+
+    return build_model(tiny()).regression.state_dict()
+
+
+def test_stage1_gcv_and_gradient_options(tmp_path, trained):
+    run(tiny("model.mode=regression", "fit.select=gcv", "fit.lam_candidates=[0.001, 1e3]"),
+        tmp_path / "gcv", progress=False)
+    chosen = json.loads((tmp_path / "gcv" / "stage1.json").read_text())["lambda"]
+    # With 12 samples (6 identities, mirrored) for 10 unknowns per pixel, a huge lambda that
+    # shrinks everything to zero cannot win.
+    assert set(chosen.values()) == {0.001}
+    run(tiny("model.mode=regression", "fit.method=gradient", "fit.gradient_steps=60"),
+        tmp_path / "gradient", progress=False)
+    # Gradient descent on the ridge loss heads for the closed-form solution.
+    closed = load_model(trained)[0].regression.state_dict()
+    descended = load_model(tmp_path / "gradient")[0].regression.state_dict()
+    start = tiny_model_regression()
+    for key in closed:
+        assert (descended[key] - closed[key]).norm() < 0.7 * (start[key] - closed[key]).norm()
+
+
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         cli("train")

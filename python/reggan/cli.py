@@ -2,7 +2,7 @@
 
 import argparse
 import logging
-import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "closed form, train the refinement briefly, synthesize every expression for "
                     "held-out and out-of-distribution faces and scikit-image's astronaut photo, "
                     "and write demo_grid.png, samples/, evaluation/, run/ and report.md into the "
-                    "output folder. About 5 minutes on a 2-core CPU with the defaults "
-                    "(train.steps=300); config overrides train longer or change the model.")
+                    "output folder. About 5 minutes on a 2-core CPU with the demo's defaults "
+                    "(model.gen_width=16, train.steps=300, otherwise the config defaults "
+                    "below); overrides train longer or change the model.")
     p.add_argument("--out", default="reggan-demo", metavar="DIR",
                    help="output folder (default: reggan-demo)")
     p.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON config file")
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", default=["l1", "psnr", "ssim"], metavar="NAME",
                    help="metrics (default: l1 psnr ssim)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
+    p.add_argument("--max-subjects", type=int, metavar="N",
+                   help="score only the first N subjects of each split (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _common(p)
     return parser
@@ -258,7 +261,7 @@ def dispatch(args) -> None:
 
         results = evaluate([Path(m) for m in args.model], Path(args.out), args.data,
                            args.metrics, args.batch_size, args.device, args.strict,
-                           args.overwrite)
+                           args.overwrite, args.max_subjects)
         if not args.quiet:
             from reggan.evaluate import _markdown
 
@@ -274,6 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from reggan.runtime import setup_logging
 
     setup_logging()
+    # A terminated run unwinds like an interrupted one: staged outputs are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quiet:
         logging.getLogger("reggan").setLevel(logging.WARNING)
     try:

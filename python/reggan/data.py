@@ -269,6 +269,14 @@ class PairedFaces:
         target = self.images[rows[:, 1]].to(device).float().div_(255)
         return source, target, rows[:, 2].to(device), self.labels[rows[:, 1]].to(device)
 
+    def first_subjects(self, count: int) -> "PairedFaces":
+        """The same data restricted to the pairs of the first `count` subjects."""
+        keep = set(self.subjects[:count])
+        mask = torch.tensor([self.image_subjects[i] in keep for i in self.pairs[:, 0].tolist()],
+                            dtype=torch.bool)
+        return PairedFaces(self.name, self.images, self.labels, self.subjects[:count],
+                           self.image_subjects, self.pairs[mask], self.vocabulary, self.targets)
+
     def sources(self) -> torch.Tensor:
         """Image indices of each subject's source face, in subject order."""
         return torch.unique(self.pairs[:, 0])

@@ -49,7 +49,7 @@ def _splits(config, data: Optional[str], strict: bool) -> Dict[str, PairedFaces]
 
 @torch.no_grad()
 def score(model, data: PairedFaces, names: Sequence[str], batch_size: int, device) -> Dict:
-    """{output kind: {"all": {metric: value}, expression: {metric: value}}}."""
+    """{output kind: {"all" or expression: {metric: value}}}."""
     kinds = ["output", "input (unchanged)"]
     if model.mode == "reggan":
         kinds.insert(1, "regression stage")
@@ -60,13 +60,20 @@ def score(model, data: PairedFaces, names: Sequence[str], batch_size: int, devic
         source, target, index, label = data.batch(indices, device)
         regressed, refined = model(source, index)
         outputs = {"output": refined, "regression stage": regressed, "input (unchanged)": source}
+        groups = [("all", slice(None))] + [
+            (data.targets[e], (index == e).nonzero().squeeze(1)) for e in index.unique().tolist()]
         for kind in kinds:
-            for e in index.unique().tolist():
-                rows = (index == e).nonzero().squeeze(1)
-                for metric in found[kind][data.targets[e]]:
-                    metric.update(source[rows], outputs[kind][rows], target[rows], label[rows])
-            for metric in found[kind]["all"]:
-                metric.update(source, outputs[kind], target, label)
+            for k, metric in enumerate(found[kind]["all"]):
+                if isinstance(metric, metric_registry.PerImageMetric):
+                    # Per-image scores once, shared by every group.
+                    scores = metric.per_image(outputs[kind].float().clamp(0, 1), target).cpu()
+                    for group, rows in groups:
+                        found[kind][group][k].add(scores[rows.cpu() if torch.is_tensor(rows)
+                                                         else rows])
+                else:
+                    for group, rows in groups:
+                        found[kind][group][k].update(source[rows], outputs[kind][rows],
+                                                     target[rows], label[rows])
     return {kind: {group: {m.name: m.compute() for m in ms} for group, ms in groups.items()}
             for kind, groups in found.items()}
 
@@ -86,21 +93,27 @@ def _markdown(results: Dict, names: Sequence[str]) -> str:
 
 def evaluate(model_paths: Sequence[Path], out_dir: Path, data: Optional[str] = None,
              metrics: Sequence[str] = ("l1", "psnr", "ssim"), batch_size: int = 32,
-             device: str = "auto", strict: bool = False, overwrite: bool = False) -> Dict:
+             device: str = "auto", strict: bool = False, overwrite: bool = False,
+             max_subjects: Optional[int] = None) -> Dict:
     unknown = [m for m in metrics if m not in metric_registry.REGISTRY]
     if unknown:
         raise RegganError(f"unknown metric(s) {', '.join(unknown)}; available: "
                           f"{', '.join(metric_registry.available())}")
     if batch_size < 1:
         raise RegganError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_subjects is not None and max_subjects < 1:
+        raise RegganError(f"--max-subjects must be >= 1, got {max_subjects}")
     with staged_output(out_dir, overwrite) as scratch:
-        return evaluate_into(scratch, model_paths, data, metrics, batch_size, device, strict)
+        return evaluate_into(scratch, model_paths, data, metrics, batch_size, device, strict,
+                             max_subjects)
 
 
 @torch.no_grad()
 def evaluate_into(scratch: Path, model_paths: Sequence[Path], data: Optional[str],
-                  metrics: Sequence[str], batch_size: int, device, strict: bool) -> Dict:
-    """evaluate(), writing into an existing folder (the demo's)."""
+                  metrics: Sequence[str], batch_size: int, device, strict: bool,
+                  max_subjects: Optional[int] = None) -> Dict:
+    """evaluate(), writing into an existing folder (the demo's); with `max_subjects`, on the
+    first subjects of each split only."""
     names = [str(Path(p).resolve().name) for p in model_paths]
     if len(set(names)) != len(names):
         names = [str(p) for p in model_paths]
@@ -110,6 +123,8 @@ def evaluate_into(scratch: Path, model_paths: Sequence[Path], data: Optional[str
         model, config = load_model(path, device)
         results[name] = {}
         for split, pairs in _splits(config, data, strict).items():
+            if max_subjects is not None:
+                pairs = pairs.first_subjects(max_subjects)
             results[name][split] = score(model, pairs, metrics, batch_size, device)
             source, target, index, _ = pairs.batch(preview_pairs(pairs), device)
             regressed, refined = model(source, index)

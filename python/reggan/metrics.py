@@ -42,8 +42,11 @@ class PerImageMetric(Metric):
         raise NotImplementedError
 
     def update(self, source, output, target, label) -> None:
-        scores = self.per_image(output.double().clamp(0, 1), target.double())
-        self.total += float(scores.sum())
+        self.add(self.per_image(output.float().clamp(0, 1), target.float()))
+
+    def add(self, scores: torch.Tensor) -> None:
+        """Adds per-image scores computed elsewhere (they are shared between groups)."""
+        self.total += float(scores.double().sum())
         self.count += scores.numel()
 
     def compute(self) -> float:
