@@ -286,6 +286,39 @@ def test_stage1_gcv_and_gradient_options(tmp_path, trained):
         assert (descended[key] - closed[key]).norm() < 0.7 * (start[key] - closed[key]).norm()
 
 
+def test_stage3_finetunes_the_regression_through_the_kernels(tmp_path, trained):
+    run(tiny("train.finetune_regression=true", "train.lr_regression=1e-3", "train.steps=2"),
+        tmp_path / "joint", progress=False)
+    fitted = load_model(trained)[0].regression.state_dict()
+    joint = load_model(tmp_path / "joint")[0].regression.state_dict()
+    moved = {k for k in fitted if not torch.equal(fitted[k], joint[k])}
+    # The layers of the expressions in the 2 batches were trained, weights and biases.
+    layers = {k.rsplit(".", 1)[0] for k in moved}
+    assert layers and moved == {f"{layer}.{p}" for layer in layers for p in ("weight", "bias")}
+
+
+def test_user_dataset_in_flat_layout(tmp_path, capsys):
+    from reggan.synthetic import render_faces
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    faces = render_faces(0, 5, size=32, expressions=("neutral", "happy", "surprised"))
+    for e, name in enumerate(("neutral", "happy", "surprised")):
+        for s in range(5):
+            Image.fromarray(faces[e, s]).save(folder / f"S{s:02d}_{name.title()}.png")
+    overrides = [a for o in TINY for a in ("-o", o)]
+    assert cli("train", "--out", tmp_path / "run", "--data", folder, "--quiet", *overrides,
+               "-o", "data.expressions=[neutral, happy, surprised]", "-o", "data.holdout=0.2",
+               "--steps", 1) == 0
+    model, config = load_model(tmp_path / "run")
+    assert model.targets == ["happy", "surprised"]
+    assert cli("evaluate", "--model", tmp_path / "run", "--out", tmp_path / "eval",
+               "--quiet") == 0
+    results = json.loads((tmp_path / "eval" / "metrics.json").read_text())["run"]
+    assert list(results) == ["heldout"]  # the subject held out of training
+    assert set(results["heldout"]["output"]) == {"all", "happy", "surprised"}
+
+
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         cli("train")
