@@ -238,7 +238,7 @@ def validate(config: Config) -> Config:
     for key, choices in _CHOICES.items():
         if tree[key] not in choices:
             raise RegganError(f"{key} must be one of {', '.join(choices)}, got {tree[key]!r}")
-    data, model, fit, train = config.data, config.model, config.fit, config.train
+    data, model, fit = config.data, config.model, config.fit
     data.expressions = check_vocabulary(data.expressions)
     (data.source,) = resolve([data.source], data.expressions, "source expression")
     if data.targets is not None:
