@@ -1,12 +1,12 @@
 """Training: stage 1 (the regression fit), then stage 2 (the adversarial refinement).
 
 GAN objective: least squares (LSGAN). The generator starts as the identity on top of a good
-regression output and is driven mostly by the paired L1 loss; LSGAN's quadratic loss keeps
-giving gradients to samples that the discriminator already classifies correctly (unlike the
-saturating loss, or hinge once its margin is met), needs only one backward pass per step (WGAN-GP's gradient penalty needs a
-second, double-backward one, which costs most on the CPU this runs on and mixes badly with AMP),
-and with spectral normalization in the discriminator it trained without divergence in every
-run made here (the tests' tiny models, the demo).
+regression output and is driven mostly by the paired L1 loss. LSGAN's quadratic loss keeps
+giving gradients to samples the discriminator already classifies correctly (the saturating loss
+does not, nor does hinge once its margin is met); it needs one backward pass per step, where
+WGAN-GP's gradient penalty needs a second, double-backward one that costs most on a CPU and mixes
+badly with AMP; and with spectral normalization in the discriminator it trained without
+divergence in every run made here (the tests' tiny models, the demo).
 
 Reproducibility: every random choice of a step (which pairs, which flips) comes from a generator
 seeded by (seed, step), so a run resumed from a checkpoint takes exactly the steps the
