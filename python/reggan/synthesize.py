@@ -18,6 +18,7 @@ from reggan.viz import save_grid
 log = logging.getLogger("reggan")
 
 GRID_ROWS = 16
+CHUNK = 256  # images read at once
 
 
 def list_images(source: Path) -> List[Path]:
@@ -62,23 +63,32 @@ def synthesize(model_path: Path, source: Path, out_dir: Path,
         model, config = load_model(model_path, device)
         names = resolve(expressions, model.targets, "target expression") if expressions \
             else list(model.targets)
-        images = read_images(files, config.data.size, Problems(strict))
-        kept = [(f, i) for f, i in zip(files, images) if i is not None]
-        if not kept:
-            raise RegganError(f"no readable image in {source}")
-        stack = torch.from_numpy(np.stack([i for _, i in kept])).permute(0, 3, 1, 2)
-        outputs = transform(model, stack, [model.targets.index(n) for n in names], batch_size,
-                            device)
+        indices = [model.targets.index(n) for n in names]
         base = Path(source) if Path(source).is_dir() else Path(source).parent
-        for (path, image), faces in zip(kept, outputs):
-            folder = scratch / path.relative_to(base).with_suffix("")
-            save_png(folder / "input.png", image)
-            for name, face in zip(names, to_uint8(faces)):
-                save_png(folder / f"{name}.png", face)
-        rows = min(GRID_ROWS, len(kept))
-        columns = [stack[:rows].permute(0, 2, 3, 1).numpy()]
-        columns += [to_uint8(outputs[:rows, k]) for k in range(len(names))]
-        save_grid(scratch / "grid.png", columns, ["input"] + names,
-                  [p.stem for p, _ in kept[:rows]])
-    log.info("wrote %d face(s) x %d expression(s) to %s", len(kept), len(names), out_dir)
-    return len(kept)
+        grid_inputs, grid_outputs, captions, done = [], [], [], 0
+        # Chunks bound the memory a large folder takes.
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start:start + CHUNK]
+            images = read_images(chunk, config.data.size, Problems(strict))
+            kept = [(f, i) for f, i in zip(chunk, images) if i is not None]
+            if not kept:
+                continue
+            stack = torch.from_numpy(np.stack([i for _, i in kept])).permute(0, 3, 1, 2)
+            outputs = transform(model, stack, indices, batch_size, device)
+            for (path, image), faces in zip(kept, outputs):
+                folder = scratch / path.relative_to(base).with_suffix("")
+                save_png(folder / "input.png", image)
+                for name, face in zip(names, to_uint8(faces)):
+                    save_png(folder / f"{name}.png", face)
+            room = GRID_ROWS - len(captions)
+            grid_inputs += [i for _, i in kept[:room]]
+            grid_outputs += list(outputs[:room])
+            captions += [p.stem for p, _ in kept[:room]]
+            done += len(kept)
+        if not done:
+            raise RegganError(f"no readable image in {source}")
+        faces = torch.stack(grid_outputs)
+        columns = [np.stack(grid_inputs)] + [to_uint8(faces[:, k]) for k in range(len(names))]
+        save_grid(scratch / "grid.png", columns, ["input"] + names, captions)
+    log.info("wrote %d face(s) x %d expression(s) to %s", done, len(names), out_dir)
+    return done
