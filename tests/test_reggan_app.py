@@ -199,6 +199,11 @@ def test_synthesize(trained, tmp_path, capsys):
                                                                  "sad.png"]
     assert Image.open(out / "face1" / "happy.png").size == (32, 32)  # resized to the model
     assert (out / "grid.png").exists() and not (out / "bad").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    # Written through scratch files and folders, but with the modes open() and mkdir() give.
+    assert (out / "grid.png").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
     # Bad inputs: one line, nothing written.
     assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out",

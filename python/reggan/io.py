@@ -20,6 +20,18 @@ from reggan.errors import RegganError
 CHECKPOINT_FORMAT = "reggan-checkpoint-1"
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# What open() and mkdir() would give new files and folders (mkstemp and mkdtemp give 0o600 and
+# 0o700, which the scratch files and folders are renamed from).
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over `path`, so that a
     reader sees either the old file or the whole new one."""
@@ -31,6 +43,7 @@ def _atomic(path: Path, write) -> None:
         write(scratch)
         with open(scratch, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(scratch, _FILE_MODE)
         os.replace(scratch, path)
     except BaseException:
         if os.path.exists(scratch):
@@ -95,6 +108,7 @@ def staged_output(path: Path, overwrite: bool, what: str = "output folder"):
     try:
         (scratch / MARKER).touch()
         yield scratch
+        os.chmod(scratch, _DIR_MODE)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

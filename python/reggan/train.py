@@ -32,8 +32,9 @@ from reggan.data import PairedFaces
 from reggan.datasets import training_splits
 from reggan.errors import RegganError
 from reggan.fit import fit_regression
-from reggan.io import (find_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors,
-                       prefixed, prepare_run_dir, save_checkpoint, to_uint8, write_text_atomic)
+from reggan.io import (check_output, find_checkpoint, load_checkpoint, load_optimizer,
+                       optimizer_tensors, prefixed, prepare_run_dir, save_checkpoint, to_uint8,
+                       write_text_atomic)
 from reggan.models import Discriminator, RegGAN
 from reggan.runtime import Distributed, derived_seed, init_distributed, resolve_device, \
     seed_everything
@@ -365,12 +366,15 @@ def run(config: Config, run_dir: Path, overwrite: bool = False, resume: bool = F
     try:
         if resume:
             config = _resume_config(run_dir, config)
+        else:
+            check_output(run_dir, overwrite, "run folder")
+        # Data and models first: a bad dataset or config leaves no run folder behind.
+        splits = training_splits(config, distributed)
+        trainer = Trainer(config, run_dir, distributed, splits, progress)
         if distributed.main:
             prepare_run_dir(run_dir, overwrite, resume)
             configs.save(config, run_dir / "config.json")
         distributed.barrier()
-        splits = training_splits(config, distributed)
-        trainer = Trainer(config, run_dir, distributed, splits, progress)
         if resume:
             checkpoint = find_checkpoint(run_dir)
             if checkpoint is None:
