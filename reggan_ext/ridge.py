@@ -12,7 +12,7 @@ equations (G_p + lam P) w = r[o, p] share G_p = sum_n z z^T among the output cha
 RidgeFitter streams batches through the ridge_accumulate_ kernel into sufficient statistics,
 kept with the pixel index last, in `dtype` (float64 by default):
 
-    gram      (groups, D(D+1)/2, H_out, W_out)  upper triangle of G_p, packed row by row
+    gram      (groups, D(D+1)/2, H_out, W_out)  lower triangle of G_p, packed row by row
     cross     (C_out, D, H_out, W_out)          r[o, p] = sum_n z y
     target_sq (C_out, H_out, W_out)             sum_n y^2
     count                                       number of samples
@@ -46,15 +46,16 @@ _SELECTION_ELEMENTS = 1 << 22
 Lambda = Union[float, torch.Tensor]
 
 
-def _triu(d: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(d, d, device=device)
+def _packed_indices(d: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each entry of the packed layout: the lower triangle row by row."""
+    rows, cols = torch.tril_indices(d, d, device=device)
     return rows, cols
 
 
 def _unpack(packed: torch.Tensor, d: int) -> torch.Tensor:
-    """(groups, D(D+1)/2, pixels) packed upper triangles -> (groups, pixels, D, D) symmetric."""
+    """(groups, D(D+1)/2, pixels) packed triangles -> (groups, pixels, D, D) symmetric."""
     groups, _, pixels = packed.shape
-    rows, cols = _triu(d, packed.device)
+    rows, cols = _packed_indices(d, packed.device)
     full = packed.new_empty(groups, pixels, d, d)
     entries = packed.transpose(1, 2)
     full[..., rows, cols] = entries
@@ -94,7 +95,8 @@ class RidgeFitter:
             raise TypeError(f"RidgeFitter: layer must be a reggan_ext.LocalRegression, got "
                             f"{type(layer).__name__}")
         if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"RidgeFitter: dtype must be torch.float32 or torch.float64, got {dtype}")
+            raise TypeError(
+                f"RidgeFitter: dtype must be torch.float32 or torch.float64, got {dtype}")
         self._layer = layer
         self.penalize_bias = bool(penalize_bias)
         self.dtype = dtype
@@ -527,7 +529,7 @@ def ridge_statistics_reference(layer: LocalRegression, x: torch.Tensor, y: torch
     d = z.shape[2]
     zt = z.permute(1, 3, 0, 2).reshape(groups * pixels, n, d)
     full = torch.bmm(zt.transpose(1, 2), zt).reshape(groups, pixels, d, d)
-    rows, cols = _triu(d, x.device)
+    rows, cols = _packed_indices(d, x.device)
     targets = y.to(dtype).reshape(n, groups, -1, pixels)
     cross = torch.einsum("ngap,ngop->goap", z, targets)
     shape = layer.output_size

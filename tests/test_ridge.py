@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import reggan_ext
 from reggan_ext import LocalRegression, RidgeFitter, fit_local_regression, ridge_loss
 from reggan_ext.ridge import _unpack, ridge_solve_reference, ridge_statistics_reference
 
@@ -97,7 +96,7 @@ def numpy_statistics(layer, x, y):
     z, t = numpy_design(layer, x), numpy_targets(layer, y)
     groups, h, w, n, d = z.shape
     full = np.einsum("ghwna,ghwnb->gabhw", z, z)
-    rows, cols = np.triu_indices(d)
+    rows, cols = np.tril_indices(d)
     cross = np.einsum("ghwna,ghwno->goahw", z, t).reshape(-1, d, h, w)
     return {"gram": full[:, rows, cols], "cross": cross,
             "target_sq": (t ** 2).sum(3).transpose(0, 3, 1, 2).reshape(-1, h, w)}
@@ -513,7 +512,7 @@ def random_systems(groups, d, og, h, w, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(groups, h * w, 3 * d, d, generator=gen, dtype=torch.float64)
     full = z.transpose(-1, -2) @ z / d
-    rows, cols = torch.triu_indices(d, d)
+    rows, cols = torch.tril_indices(d, d)
     gram = full[..., rows, cols].transpose(1, 2).reshape(groups, -1, h, w)
     cross = torch.randn(groups * og, d, h, w, generator=gen, dtype=torch.float64)
     lam = torch.rand(groups, h, w, generator=gen, dtype=torch.float64)
@@ -540,7 +539,7 @@ def test_solve_kernel_matches_torch_linalg(sizes, dtype, penalize_last, device):
 def test_solve_kernel_info_matches_lapack(device):
     gram, cross, lam = random_systems(2, 6, 1, 3, 5, torch.float64, "cpu")
     zero = torch.zeros_like(lam)
-    full_index = torch.triu_indices(6, 6)
+    full_index = torch.tril_indices(6, 6)
     diagonal = [int(i) for i in ((full_index[0] == full_index[1]).nonzero().flatten())]
     # Break the leading minor of order k + 1 of a few systems with a strongly negative pivot.
     broken = {(0, 0, 0): 0, (0, 1, 3): 2, (1, 2, 4): 5, (1, 0, 2): 3}
@@ -723,8 +722,8 @@ def test_cuda_matches_cpu_end_to_end():
                        size=(19, 23))
     x, y = make_data(layer, 37)
     cpu = RidgeFitter(layer).update(x, y).update_validation(x[:9], y[:9])
-    gpu = RidgeFitter(layer.cuda()).update(x.cuda(), y.cuda()).update_validation(x[:9].cuda(),
-                                                                                  y[:9].cuda())
+    gpu = RidgeFitter(copy.deepcopy(layer).cuda()).update(x.cuda(), y.cuda())
+    gpu.update_validation(x[:9].cuda(), y[:9].cuda())
     for key, value in cpu.state_dict().items():
         torch.testing.assert_close(gpu.state_dict()[key].cpu(), value, rtol=1e-12, atol=1e-10)
     for select in (None, "gcv", "validation"):
