@@ -299,6 +299,12 @@ class RidgeFitter:
                                "pixel systems are not finite (NaN or Inf in x or y, or overflow "
                                "of float32 statistics)")
 
+    def _surely_singular(self, lam_map: torch.Tensor) -> torch.Tensor:
+        """Systems that cannot be solved whatever rounding does: lam = 0 with fewer samples than
+        unknowns. (The kernel's pivot test catches exact rank deficiency, and deficiency in
+        general only as far as rounding lets a pivot show it.)"""
+        return (lam_map == 0) & (self.count < self.unknowns)
+
     def _solve_map(self, lam_map: torch.Tensor, statistics: Optional[dict] = None):
         stats = self._statistics if statistics is None else statistics
         return _ops.ridge_solve(stats["gram"], stats["cross"], lam_map, self._penalize_last)
@@ -322,9 +328,12 @@ class RidgeFitter:
         picks one per pixel system (chosen is a (groups, H_out, W_out) map). See
         lambda_scores for the criteria. Ties go to the earlier candidate.
 
-        Raises RuntimeError, saying how many pixel systems failed, when a system is not
-        numerically positive definite (lam = 0 with fewer independent samples than unknowns)
-        or the statistics are not finite; weights are never NaN in silence.
+        Raises RuntimeError, saying how many pixel systems failed, when a system cannot be
+        solved: lam = 0 with fewer samples than unknowns, a pivot of the factorization at or
+        below D * eps * (largest diagonal entry) (exact rank deficiency such as a tap that
+        only reads zero padding or inputs constant over the batch; rank deficiency that
+        rounding hides from the pivots is beyond any unpivoted factorization), or statistics
+        that are not finite. Weights are never NaN in silence.
         """
         if select is None:
             lam_map = self._lambda_map(lam)
@@ -339,6 +348,12 @@ class RidgeFitter:
             else:
                 chosen = candidates[best.reshape(-1)].reshape(best.shape)
                 lam_map = chosen
+        singular = int(self._surely_singular(lam_map).sum())
+        if singular:
+            raise RuntimeError(
+                f"RidgeFitter.solve: {singular} of {lam_map.numel()} pixel systems have lam = 0 "
+                f"with {self.count} samples for {self.unknowns} unknowns, so they are singular; "
+                "use lam > 0")
         solution, info = self._solve_map(lam_map)
         failed = int((info != 0).sum())
         if failed:
@@ -467,8 +482,9 @@ class RidgeFitter:
         errors = []
         gram = val["gram"].flatten(2)
         for lam in lams.tolist():
-            w, info = self._solve_map(torch.full(shape, lam, dtype=self.dtype,
-                                                 device=self.device))
+            lam_map = torch.full(shape, lam, dtype=self.dtype, device=self.device)
+            w, info = self._solve_map(lam_map)
+            info = torch.where(self._surely_singular(lam_map), 1, info)
             w = w.reshape(self.groups, og, d, -1)
             linear = (w * val["cross"].reshape(self.groups, og, d, -1)).sum(2)
             quadratic = torch.empty_like(linear)

@@ -52,23 +52,15 @@ REGGAN_HD Tap tap_of(int64_t a, const LocalGeometry& g) {
   return Tap{a / (g.kernel_h * g.kernel_w), (a / g.kernel_w) % g.kernel_h, a % g.kernel_w};
 }
 
-// Input column read by output column j through kernel column v.
-REGGAN_HD int64_t input_col(const LocalGeometry& g, int64_t j, int64_t v) {
-  return j * g.stride_w + g.col_offset(v);
-}
-
-// Entry a of sample n's design row for output pixel (i, j) of a group whose first input channel
-// is c0: the input the layer reads there (zero outside the image), or 1 for the bias.
-template <typename in_t, typename out_t>
-REGGAN_HD out_t design_value(const in_t* x, const RidgeGeometry& rg, int64_t n, int64_t c0,
-                             int64_t a, int64_t i, int64_t j) {
-  const LocalGeometry& g = rg.layer;
-  if (a == rg.taps()) return out_t(1);
+// Offset within a sample of the input that tap a reads for output pixel (i, j) of the group
+// whose first input channel is c0, or -1 where it reads zero padding.
+REGGAN_HD int64_t tap_offset(const LocalGeometry& g, int64_t c0, int64_t a, int64_t i,
+                             int64_t j) {
   const Tap t = tap_of(a, g);
   const int64_t row = g.input_row(i, t.u);
-  const int64_t col = input_col(g, j, t.v);
-  if (row < 0 || row >= g.in_height || col < 0 || col >= g.in_width) return out_t(0);
-  return out_t(x[((n * g.in_channels + c0 + t.channel) * g.in_height + row) * g.in_width + col]);
+  const int64_t col = j * g.stride_w + g.col_offset(t.v);
+  if (row < 0 || row >= g.in_height || col < 0 || col >= g.in_width) return -1;
+  return ((c0 + t.channel) * g.in_height + row) * g.in_width + col;
 }
 
 // Lane operations of one system at a time (a CUDA thread, the C++ test). The CPU kernels supply

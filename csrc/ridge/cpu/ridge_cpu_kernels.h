@@ -101,6 +101,7 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
       for (int64_t s = 0; s < chunk; ++s) scratch[taps * chunk + s] = L::splat(1);
     }
     std::vector<RowRead<in_t>> reads(taps + out_per_group);
+    std::vector<std::pair<const in_t*, int64_t>> lines;  // address in sample 0, sample stride
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (g.out_height * row_vectors);
       const int64_t i = task / row_vectors % g.out_height;
@@ -130,16 +131,39 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
             ((group * out_per_group + o) * g.out_height + i) * g.out_width + j0, 1, 0, lanes,
             d + o};
       }
+      // The lines to prefetch for a sample: each read's first and last, once.
+      lines.clear();
+      for (const RowRead<in_t>& r : reads) {
+        if (r.begin == r.end) continue;
+        for (const int64_t l : {r.begin, r.end - 1}) {
+          const in_t* p = r.data + r.offset + l * r.step;
+          const auto line = reinterpret_cast<uintptr_t>(p) / 64;
+          if (lines.empty() || lines.back().second != r.sample_stride ||
+              reinterpret_cast<uintptr_t>(lines.back().first) / 64 != line) {
+            lines.emplace_back(p, r.sample_stride);
+          }
+        }
+      }
+      const bool contiguous = std::all_of(reads.begin(), reads.end(), [&](const RowRead<in_t>& r) {
+        return r.begin == 0 && r.end == W && r.step == 1;
+      });
       const int64_t p0 = i * g.out_width + j0;
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
         for (int64_t s = 0; s < count; ++s) {
+          const int64_t n = n0 + s;
           // The samples are far apart in memory, beyond the hardware prefetchers' reach.
-          const int64_t ahead = std::min(n0 + s + kPrefetchSamples, g.batch - 1);
-          for (const RowRead<in_t>& r : reads) {
-            __builtin_prefetch(r.data + ahead * r.sample_stride + r.offset + r.begin * r.step);
-            scratch[r.row * chunk + s] = L::gather(r.data + (n0 + s) * r.sample_stride,
-                                                   r.offset, r.step, r.begin, r.end);
+          const int64_t ahead = std::min(n + kPrefetchSamples, g.batch - 1);
+          for (const auto& [p, sample_stride] : lines) __builtin_prefetch(p + ahead * sample_stride);
+          if (contiguous) {  // the interior of the image
+            for (const RowRead<in_t>& r : reads) {
+              scratch[r.row * chunk + s] = L::convert(r.data + n * r.sample_stride + r.offset);
+            }
+          } else {
+            for (const RowRead<in_t>& r : reads) {
+              scratch[r.row * chunk + s] = L::gather(r.data + n * r.sample_stride, r.offset,
+                                                     r.step, r.begin, r.end);
+            }
           }
         }
         if (n0 + chunk >= g.batch) {

@@ -45,16 +45,19 @@ struct Lanes {
     }
     return v;
   }
+  // p[0], ..., p[kWidth - 1], converted.
+  template <typename in_t>
+  REGGAN_RIDGE_INLINE static value convert(const in_t* p) {
+    typedef in_t narrow __attribute__((vector_size(kWidth * sizeof(in_t))));
+    narrow v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, value);
+  }
   // Lanes [begin, end) of p[offset + l * step], converted, and zeros elsewhere.
   template <typename in_t>
   REGGAN_RIDGE_INLINE static value gather(const in_t* p, int64_t offset, int64_t step,
                                           int64_t begin, int64_t end) {
-    if (begin == 0 && end == kWidth && step == 1) {
-      typedef in_t narrow __attribute__((vector_size(kWidth * sizeof(in_t))));
-      narrow v;
-      std::memcpy(&v, p + offset, sizeof v);
-      return __builtin_convertvector(v, value);
-    }
+    if (begin == 0 && end == kWidth && step == 1) return convert(p + offset);
     value v{};
     for (int64_t l = begin; l < end; ++l) v[l] = T(p[offset + l * step]);
     return v;
@@ -86,12 +89,22 @@ struct Wide {
     for (int i = 0; i < kParts; ++i) r[i] *= o.r[i];
     return *this;
   }
-  REGGAN_RIDGE_INLINE friend Wide operator+(Wide a, const Wide& b) { return a += b; }
-  REGGAN_RIDGE_INLINE friend Wide operator-(Wide a, const Wide& b) { return a -= b; }
-  REGGAN_RIDGE_INLINE friend Wide operator*(Wide a, const Wide& b) { return a *= b; }
-  REGGAN_RIDGE_INLINE friend Wide operator/(Wide a, const Wide& b) {
-    for (int i = 0; i < kParts; ++i) a.r[i] /= b.r[i];
-    return a;
+  REGGAN_RIDGE_INLINE friend Wide operator+(const Wide& a, const Wide& b) {
+    Wide c = a;
+    return c += b;
+  }
+  REGGAN_RIDGE_INLINE friend Wide operator-(const Wide& a, const Wide& b) {
+    Wide c = a;
+    return c -= b;
+  }
+  REGGAN_RIDGE_INLINE friend Wide operator*(const Wide& a, const Wide& b) {
+    Wide c = a;
+    return c *= b;
+  }
+  REGGAN_RIDGE_INLINE friend Wide operator/(const Wide& a, const Wide& b) {
+    Wide c = a;
+    for (int i = 0; i < kParts; ++i) c.r[i] /= b.r[i];
+    return c;
   }
 };
 
