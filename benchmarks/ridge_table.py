@@ -96,7 +96,7 @@ def solve_comparison(fitter, device):
     lam_map = torch.full(stats["target_sq"].shape, LAM, dtype=fitter.dtype, device=device)
     ours = best_time(lambda: fitter._solve_map(lam_map), device)
     d = fitter.unknowns
-    eye = torch.eye(d, dtype=dtype, device=device)
+    eye = torch.eye(d, dtype=fitter.dtype, device=device)
     full = _unpack(stats["gram"].flatten(2), d) + LAM * eye
     rhs = stats["cross"].flatten(2).transpose(1, 2).unsqueeze(-1).contiguous()
 
