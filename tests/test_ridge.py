@@ -727,8 +727,14 @@ def test_cuda_matches_cpu_end_to_end():
     gpu.update_validation(x[:9].cuda(), y[:9].cuda())
     for key, value in cpu.state_dict().items():
         torch.testing.assert_close(gpu.state_dict()[key].cpu(), value, rtol=1e-12, atol=1e-10)
-    for select in (None, "gcv", "validation"):
-        lam = 0.5 if select is None else [0.01, 0.1, 1.0]
-        for got, want in zip(gpu.solve(lam, select, "pixel"), cpu.solve(lam, select, "pixel")):
-            torch.testing.assert_close(got.cpu() if isinstance(got, torch.Tensor) else got, want,
-                                       rtol=1e-9, atol=1e-9)
+    candidates = [0.01, 0.1, 1.0]
+    for select in ("gcv", "validation"):
+        for scope in ("pixel", "global"):
+            torch.testing.assert_close(gpu.lambda_scores(candidates, select, scope).cpu(),
+                                       cpu.lambda_scores(candidates, select, scope),
+                                       rtol=1e-8, atol=1e-10)
+    chosen = cpu.solve(candidates, "gcv", "pixel")[2]
+    for lam in (0.5, chosen):
+        for got, want in zip(gpu.solve(lam if isinstance(lam, float) else lam.cuda()),
+                             cpu.solve(lam)):
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9)
