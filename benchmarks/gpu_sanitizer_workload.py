@@ -1,5 +1,5 @@
 """A small run of every CUDA kernel, for compute-sanitizer (benchmarks/gpu_check.sh): each dtype,
-odd shapes, strides and groups, forward and backward, and the ridge ops when they are built."""
+odd shapes, strides and groups, forward and backward, and the ridge statistics and solve."""
 
 import torch
 
@@ -14,11 +14,12 @@ def main():
                                                device="cuda", dtype=dtype)
             x = torch.randn(3, 3, *size, device="cuda", dtype=dtype, requires_grad=True)
             layer(x).float().square().sum().backward()
-    fit_workload = getattr(reggan_ext, "fit_local_regression", None)
-    if fit_workload is not None:
+    for dtype in (torch.float32, torch.float64):
         layer = reggan_ext.LocalRegression(3, 3, 3, (13, 17), padding=1, groups=3, device="cuda")
         x = torch.rand(5, 3, 13, 17, device="cuda")
-        fit_workload(layer, [(x, x.flip(-1))], 0.4)
+        fitter = reggan_ext.RidgeFitter(layer, dtype=dtype)
+        fitter.update(x, x.flip(-1))
+        fitter.solve(0.4)
     torch.cuda.synchronize()
     print("ok")
 

@@ -48,21 +48,25 @@ def local_regression_shifted(
     dilation: IntPair = 1,
     groups: int = 1,
 ) -> torch.Tensor:
-    """The same layer as one strided slice and multiply-add over whole planes per kernel tap."""
+    """The same layer as one strided view of the input and one multiply-add over whole planes
+    per kernel tap (a per-pixel channel contraction when a group has several input channels)."""
     out_channels, in_per_group, kernel_h, kernel_w, out_h, out_w = weight.shape
     batch = input.shape[0]
     stride_h, stride_w = pair(stride, "stride")
     dilation_h, dilation_w = pair(dilation, "dilation")
     padded = _padded_input(input, weight, stride, padding, dilation)
-    # (N, groups, 1, C_in/groups, H, W) against weight (groups, C_out/groups, C_in/groups, ...).
-    x = padded.reshape(batch, groups, 1, in_per_group, *padded.shape[2:])
+    x = padded.reshape(batch, groups, in_per_group, *padded.shape[2:])
     w = weight.reshape(groups, out_channels // groups, in_per_group, kernel_h, kernel_w, out_h, out_w)
     y = None
     for u in range(kernel_h):
+        rows = slice(u * dilation_h, u * dilation_h + (out_h - 1) * stride_h + 1, stride_h)
         for v in range(kernel_w):
-            rows = slice(u * dilation_h, u * dilation_h + (out_h - 1) * stride_h + 1, stride_h)
             cols = slice(v * dilation_w, v * dilation_w + (out_w - 1) * stride_w + 1, stride_w)
-            term = (x[..., rows, cols] * w[:, :, :, u, v]).sum(3)
+            x_tap, w_tap = x[..., rows, cols], w[:, :, :, u, v]
+            if in_per_group == 1:  # per-channel: a plain broadcast product
+                term = x_tap * w_tap.squeeze(2)
+            else:
+                term = torch.einsum("ngchw,gochw->ngohw", x_tap, w_tap)
             y = term if y is None else y + term
     y = y.reshape(batch, out_channels, out_h, out_w)
     return y if bias is None else y + bias

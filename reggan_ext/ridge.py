@@ -12,7 +12,7 @@ equations (G_p + lam P) w = r[o, p] share G_p = sum_n z z^T among the output cha
 RidgeFitter streams batches through the ridge_accumulate_ kernel into sufficient statistics,
 kept with the pixel index last, in `dtype` (float64 by default):
 
-    gram      (groups, D(D+1)/2, H_out, W_out)  upper triangle of G_p, packed row by row
+    gram      (groups, D(D+1)/2, H_out, W_out)  lower triangle of G_p, packed row by row
     cross     (C_out, D, H_out, W_out)          r[o, p] = sum_n z y
     target_sq (C_out, H_out, W_out)             sum_n y^2
     count                                       number of samples
@@ -46,15 +46,16 @@ _SELECTION_ELEMENTS = 1 << 22
 Lambda = Union[float, torch.Tensor]
 
 
-def _triu(d: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(d, d, device=device)
+def _packed_indices(d: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each entry of the packed layout: the lower triangle row by row."""
+    rows, cols = torch.tril_indices(d, d, device=device)
     return rows, cols
 
 
 def _unpack(packed: torch.Tensor, d: int) -> torch.Tensor:
-    """(groups, D(D+1)/2, pixels) packed upper triangles -> (groups, pixels, D, D) symmetric."""
+    """(groups, D(D+1)/2, pixels) packed triangles -> (groups, pixels, D, D) symmetric."""
     groups, _, pixels = packed.shape
-    rows, cols = _triu(d, packed.device)
+    rows, cols = _packed_indices(d, packed.device)
     full = packed.new_empty(groups, pixels, d, d)
     entries = packed.transpose(1, 2)
     full[..., rows, cols] = entries
@@ -94,7 +95,8 @@ class RidgeFitter:
             raise TypeError(f"RidgeFitter: layer must be a reggan_ext.LocalRegression, got "
                             f"{type(layer).__name__}")
         if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"RidgeFitter: dtype must be torch.float32 or torch.float64, got {dtype}")
+            raise TypeError(
+                f"RidgeFitter: dtype must be torch.float32 or torch.float64, got {dtype}")
         self._layer = layer
         self.penalize_bias = bool(penalize_bias)
         self.dtype = dtype
@@ -297,6 +299,12 @@ class RidgeFitter:
                                "pixel systems are not finite (NaN or Inf in x or y, or overflow "
                                "of float32 statistics)")
 
+    def _surely_singular(self, lam_map: torch.Tensor) -> torch.Tensor:
+        """Systems that cannot be solved whatever rounding does: lam = 0 with fewer samples than
+        unknowns. (The kernel's pivot test catches exact rank deficiency, and deficiency in
+        general only as far as rounding lets a pivot show it.)"""
+        return (lam_map == 0) & (self.count < self.unknowns)
+
     def _solve_map(self, lam_map: torch.Tensor, statistics: Optional[dict] = None):
         stats = self._statistics if statistics is None else statistics
         return _ops.ridge_solve(stats["gram"], stats["cross"], lam_map, self._penalize_last)
@@ -320,9 +328,12 @@ class RidgeFitter:
         picks one per pixel system (chosen is a (groups, H_out, W_out) map). See
         lambda_scores for the criteria. Ties go to the earlier candidate.
 
-        Raises RuntimeError, saying how many pixel systems failed, when a system is not
-        numerically positive definite (lam = 0 with fewer independent samples than unknowns)
-        or the statistics are not finite; weights are never NaN in silence.
+        Raises RuntimeError, saying how many pixel systems failed, when a system cannot be
+        solved: lam = 0 with fewer samples than unknowns, a pivot of the factorization at or
+        below D * eps * (largest diagonal entry) (exact rank deficiency such as a tap that
+        only reads zero padding or inputs constant over the batch; rank deficiency that
+        rounding hides from the pivots is beyond any unpivoted factorization), or statistics
+        that are not finite. Weights are never NaN in silence.
         """
         if select is None:
             lam_map = self._lambda_map(lam)
@@ -337,6 +348,12 @@ class RidgeFitter:
             else:
                 chosen = candidates[best.reshape(-1)].reshape(best.shape)
                 lam_map = chosen
+        singular = int(self._surely_singular(lam_map).sum())
+        if singular:
+            raise RuntimeError(
+                f"RidgeFitter.solve: {singular} of {lam_map.numel()} pixel systems have lam = 0 "
+                f"with {self.count} samples for {self.unknowns} unknowns, so they are singular; "
+                "use lam > 0")
         solution, info = self._solve_map(lam_map)
         failed = int((info != 0).sum())
         if failed:
@@ -465,8 +482,9 @@ class RidgeFitter:
         errors = []
         gram = val["gram"].flatten(2)
         for lam in lams.tolist():
-            w, info = self._solve_map(torch.full(shape, lam, dtype=self.dtype,
-                                                 device=self.device))
+            lam_map = torch.full(shape, lam, dtype=self.dtype, device=self.device)
+            w, info = self._solve_map(lam_map)
+            info = torch.where(self._surely_singular(lam_map), 1, info)
             w = w.reshape(self.groups, og, d, -1)
             linear = (w * val["cross"].reshape(self.groups, og, d, -1)).sum(2)
             quadratic = torch.empty_like(linear)
@@ -527,7 +545,7 @@ def ridge_statistics_reference(layer: LocalRegression, x: torch.Tensor, y: torch
     d = z.shape[2]
     zt = z.permute(1, 3, 0, 2).reshape(groups * pixels, n, d)
     full = torch.bmm(zt.transpose(1, 2), zt).reshape(groups, pixels, d, d)
-    rows, cols = _triu(d, x.device)
+    rows, cols = _packed_indices(d, x.device)
     targets = y.to(dtype).reshape(n, groups, -1, pixels)
     cross = torch.einsum("ngap,ngop->goap", z, targets)
     shape = layer.output_size

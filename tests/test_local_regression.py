@@ -359,3 +359,16 @@ class TestModule:
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
             LocalRegression(**args)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_shifted_reference_matches_unfold_reference(seed):
+    g = random_geometry(seed)
+    torch.manual_seed(seed)
+    layer = LocalRegression(g["in_ch"], g["out_ch"], g["kernel"], g["size"], g["stride"],
+                            g["padding"], g["dilation"], g["groups"], g["bias"],
+                            dtype=torch.float64)
+    x = torch.randn(g["batch"], g["in_ch"], *g["size"], dtype=torch.float64)
+    args = (x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    torch.testing.assert_close(reference.local_regression_shifted(*args),
+                               reference.local_regression(*args), **TOLERANCES[torch.float64])

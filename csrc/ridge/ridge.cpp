@@ -143,7 +143,9 @@ TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
   // Solves (G + lam P) w = r for every group and pixel: the solution has cross's layout, info
   // (groups, H_out, W_out) int32 is 0 or the order of the first leading minor that is not
   // positive definite. P is the identity, without its last entry unless penalize_last.
-  m.def("ridge_solve(Tensor gram, Tensor cross, Tensor lam, bool penalize_last) -> (Tensor, Tensor)");
+  m.def(
+      "ridge_solve(Tensor gram, Tensor cross, Tensor lam, bool penalize_last) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(reggan_ext, Meta, m) {

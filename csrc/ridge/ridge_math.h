@@ -5,7 +5,8 @@
 // For output pixel p of group g the design row is z = [the taps the layer reads for p, 1 if the
 // layer has a bias]: D = C_in/groups * kH * kW (+1) unknowns; tap a = (c * kH + u) * kW + v
 // follows the weight layout. Statistics keep the pixel index last (P = H_out * W_out):
-//   gram      (groups, D(D+1)/2, P): upper triangle of sum_n z z^T, packed row by row;
+//   gram      (groups, D(D+1)/2, P): lower triangle of sum_n z z^T packed row by row
+//                                    (packed_index), i.e. the upper one column by column;
 //   cross     (C_out, D, P):         sum_n z y[n, o, p];
 //   target_sq (C_out, P):            sum_n y[n, o, p]^2.
 #pragma once
@@ -38,10 +39,9 @@ struct RidgeGeometry {
   REGGAN_HD int64_t pixels() const { return layer.out_plane(); }
 };
 
-// Index of entry (a, b), a <= b, of an n x n upper triangle packed row by row.
-REGGAN_HD int64_t packed_index(int64_t a, int64_t b, int64_t n) {
-  return a * n - a * (a - 1) / 2 + (b - a);
-}
+// Index of entry (i, j), j <= i, of a lower triangle packed row by row. Row i is contiguous,
+// which keeps every inner loop of the solver below contiguous.
+REGGAN_HD int64_t packed_index(int64_t i, int64_t j) { return i * (i + 1) / 2 + j; }
 
 // Kernel position (c, u, v) of tap a.
 struct Tap {
@@ -52,23 +52,15 @@ REGGAN_HD Tap tap_of(int64_t a, const LocalGeometry& g) {
   return Tap{a / (g.kernel_h * g.kernel_w), (a / g.kernel_w) % g.kernel_h, a % g.kernel_w};
 }
 
-// Input column read by output column j through kernel column v.
-REGGAN_HD int64_t input_col(const LocalGeometry& g, int64_t j, int64_t v) {
-  return j * g.stride_w + g.col_offset(v);
-}
-
-// Entry a of sample n's design row for output pixel (i, j) of a group whose first input channel
-// is c0: the input the layer reads there (zero outside the image), or 1 for the bias.
-template <typename in_t, typename out_t>
-REGGAN_HD out_t design_value(const in_t* x, const RidgeGeometry& rg, int64_t n, int64_t c0,
-                             int64_t a, int64_t i, int64_t j) {
-  const LocalGeometry& g = rg.layer;
-  if (a == rg.taps()) return out_t(1);
+// Offset within a sample of the input that tap a reads for output pixel (i, j) of the group
+// whose first input channel is c0, or -1 where it reads zero padding.
+REGGAN_HD int64_t tap_offset(const LocalGeometry& g, int64_t c0, int64_t a, int64_t i,
+                             int64_t j) {
   const Tap t = tap_of(a, g);
   const int64_t row = g.input_row(i, t.u);
-  const int64_t col = input_col(g, j, t.v);
-  if (row < 0 || row >= g.in_height || col < 0 || col >= g.in_width) return out_t(0);
-  return out_t(x[((n * g.in_channels + c0 + t.channel) * g.in_height + row) * g.in_width + col]);
+  const int64_t col = j * g.stride_w + g.col_offset(t.v);
+  if (row < 0 || row >= g.in_height || col < 0 || col >= g.in_width) return -1;
+  return ((c0 + t.channel) * g.in_height + row) * g.in_width + col;
 }
 
 // Lane operations of one system at a time (a CUDA thread, the C++ test). The CPU kernels supply
@@ -78,6 +70,7 @@ struct ScalarLanes {
   using value = T;
   using mask = bool;
   using flag = int32_t;
+  static constexpr int kChains = 4;
   REGGAN_HD static value splat(double s) { return value(s); }
   REGGAN_HD static mask not_above(const value& d, const value& tol) { return !(d > tol); }
   REGGAN_HD static value select(const mask& m, const value& a, const value& b) {
@@ -89,13 +82,33 @@ struct ScalarLanes {
   }
 };
 
+// sum_{m < count} x[m * stride] * y[m * stride] in Lanes::kChains interleaved partial sums:
+// independent chains keep the multiply-add units busy where a single chain would wait on each
+// one's latency (the CPU lanes are wide enough to need only one).
+template <class Lanes>
+REGGAN_RIDGE_HD typename Lanes::value dot(const typename Lanes::value* x,
+                                          const typename Lanes::value* y, int64_t count,
+                                          int64_t stride) {
+  using V = typename Lanes::value;
+  constexpr int kChains = Lanes::kChains;
+  V part[kChains];
+  for (int t = 0; t < kChains; ++t) part[t] = Lanes::splat(0);
+  int64_t m = 0;
+  for (; m + kChains <= count; m += kChains) {
+    for (int t = 0; t < kChains; ++t) part[t] += x[(m + t) * stride] * y[(m + t) * stride];
+  }
+  for (; m < count; ++m) part[0] += x[m * stride] * y[m * stride];
+  for (int t = 1; t < kChains; ++t) part[0] += part[t];
+  return part[0];
+}
+
 // Root-free Cholesky (LDL^T) of A + lam * P in place, P = I, or I without its last entry when
-// !penalize_last (an unpenalized bias). A is packed upper (packed_index), entry k at a[k * stride].
-// Afterwards a holds L^T's strict upper part (a[(k, j)] = L[j][k]) and 1 / d_j on the diagonal.
+// !penalize_last (an unpenalized bias). A is the packed lower triangle (packed_index), entry k at
+// a[k * stride]. Afterwards a holds L's strict lower part and 1 / d_j on the diagonal.
 // A pivot d_j <= n * eps * max diag(A + lam * P), or not a number, means the leading minor of
 // order j + 1 is not (numerically) positive definite: info gets the first such j + 1 (0 when all
 // pass) and the pivot is replaced by 1 so that the remaining lanes and steps stay finite.
-// Left-looking: each column reads the finished ones and is written once.
+// Row by row: row j reads the finished rows above it and is written once.
 template <class Lanes>
 REGGAN_RIDGE_HD void ldlt_factor(typename Lanes::value* a, int64_t n, int64_t stride,
                                  const typename Lanes::value& lam, bool penalize_last,
@@ -103,49 +116,43 @@ REGGAN_RIDGE_HD void ldlt_factor(typename Lanes::value* a, int64_t n, int64_t st
   using V = typename Lanes::value;
   V largest = Lanes::splat(0);
   for (int64_t j = 0; j < n; ++j) {
-    V& d = a[packed_index(j, j, n) * stride];
+    V& d = a[packed_index(j, j) * stride];
     if (penalize_last || j + 1 < n) d += lam;
     largest = Lanes::max(largest, d);
   }
   const V tol = largest * Lanes::splat(eps * double(n));
   for (int64_t j = 0; j < n; ++j) {
-    // v_k = L[j][k] d_k = A[k][j] - sum_{m<k} L[k][m] v_m, kept at (k, j) for now.
+    V* row = a + packed_index(j, 0) * stride;
+    // v_k = L[j][k] d_k = A[j][k] - sum_{m<k} L[k][m] v_m, kept in row j for now.
     for (int64_t k = 0; k < j; ++k) {
-      V s = a[packed_index(k, j, n) * stride];
-      for (int64_t m = 0; m < k; ++m) {
-        s -= a[packed_index(m, k, n) * stride] * a[packed_index(m, j, n) * stride];
-      }
-      a[packed_index(k, j, n) * stride] = s;
+      row[k * stride] -= dot<Lanes>(a + packed_index(k, 0) * stride, row, k, stride);
     }
     // d_j = A[j][j] - sum_k v_k^2 / d_k, and v_k becomes L[j][k].
-    V d = a[packed_index(j, j, n) * stride];
     for (int64_t k = 0; k < j; ++k) {
-      V& v = a[packed_index(k, j, n) * stride];
-      const V l = v * a[packed_index(k, k, n) * stride];
-      d -= l * v;
+      V& v = row[k * stride];
+      const V l = v * a[packed_index(k, k) * stride];
+      row[j * stride] -= l * v;
       v = l;
     }
+    const V d = row[j * stride];
     const typename Lanes::mask bad = Lanes::not_above(d, tol);
     Lanes::mark(info, bad, int32_t(j + 1));
-    a[packed_index(j, j, n) * stride] = Lanes::splat(1) / Lanes::select(bad, Lanes::splat(1), d);
+    row[j * stride] = Lanes::splat(1) / Lanes::select(bad, Lanes::splat(1), d);
   }
 }
 
-// Solves L D L^T x = b in place with the factor of ldlt_factor; entry k of b at b[k * b_stride].
+// Solves L D L^T x = b in place with the factor of ldlt_factor; entry k of b at b[k * stride]
+// (the stride of a).
 template <class Lanes>
 REGGAN_RIDGE_HD void ldlt_solve(const typename Lanes::value* a, int64_t n, int64_t stride,
-                                typename Lanes::value* b, int64_t b_stride) {
-  using V = typename Lanes::value;
-  for (int64_t j = 0; j < n; ++j) {
-    V s = b[j * b_stride];
-    for (int64_t k = 0; k < j; ++k) s -= a[packed_index(k, j, n) * stride] * b[k * b_stride];
-    b[j * b_stride] = s;
+                                typename Lanes::value* b) {
+  for (int64_t j = 0; j < n; ++j) {  // L z = b, row by row
+    b[j * stride] -= dot<Lanes>(a + packed_index(j, 0) * stride, b, j, stride);
   }
-  for (int64_t j = 0; j < n; ++j) b[j * b_stride] *= a[packed_index(j, j, n) * stride];
-  for (int64_t j = n - 1; j >= 0; --j) {
-    V s = b[j * b_stride];
-    for (int64_t k = j + 1; k < n; ++k) s -= a[packed_index(j, k, n) * stride] * b[k * b_stride];
-    b[j * b_stride] = s;
+  for (int64_t j = 0; j < n; ++j) b[j * stride] *= a[packed_index(j, j) * stride];
+  for (int64_t k = n - 1; k > 0; --k) {  // L^T x = z, subtracting row k once x_k is final
+    const typename Lanes::value* row = a + packed_index(k, 0) * stride;
+    for (int64_t j = 0; j < k; ++j) b[j * stride] -= row[j * stride] * b[k * stride];
   }
 }
 

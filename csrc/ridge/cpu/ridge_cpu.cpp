@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ridge/cpu/ridge_lanes.h"
 #include "ridge/ridge.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -34,8 +35,10 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 16;
-// Samples per pass are chosen so that their design rows fit in about this much L1.
-constexpr int64_t kScratchBytes = 16 << 10;
+// Samples per pass are chosen so that their design rows fit in about this much of L2.
+constexpr int64_t kScratchBytes = 128 << 10;
+// How many samples ahead the accumulation prefetches its inputs.
+constexpr int64_t kPrefetchSamples = 8;
 
 }  // namespace
 
@@ -45,6 +48,7 @@ constexpr int64_t kScratchBytes = 16 << 10;
 namespace ridge_avx512 {
 constexpr int kVectorBytes = 64;
 constexpr int kTile = 4;  // 16 accumulators + 5 operands of 32 registers
+constexpr int kSolveParts = 4;
 #include "ridge/cpu/ridge_cpu_kernels.h"
 }  // namespace ridge_avx512
 #pragma GCC pop_options
@@ -54,6 +58,7 @@ constexpr int kTile = 4;  // 16 accumulators + 5 operands of 32 registers
 namespace ridge_avx2 {
 constexpr int kVectorBytes = 32;
 constexpr int kTile = 3;  // 9 accumulators + 4 operands of 16 registers
+constexpr int kSolveParts = 4;
 #include "ridge/cpu/ridge_cpu_kernels.h"
 }  // namespace ridge_avx2
 #pragma GCC pop_options
@@ -62,6 +67,7 @@ constexpr int kTile = 3;  // 9 accumulators + 4 operands of 16 registers
 namespace ridge_baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kTile = 3;
+constexpr int kSolveParts = 4;
 #include "ridge/cpu/ridge_cpu_kernels.h"
 }  // namespace ridge_baseline
 

@@ -1,0 +1,60 @@
+"""The LocalRegression benchmark cases of issue 2 and the implementations they compare, shared
+by the pytest-benchmark suite and the table script."""
+
+import torch
+
+import reggan_ext
+from reggan_ext import reference
+
+# name -> (batch, channels, size, kernel, groups)
+CASES = {
+    "N16 3->3 per-channel 128x128 k3": (16, 3, 128, 3, 3),
+    "N16 3->3 per-channel 128x128 k5": (16, 3, 128, 5, 3),
+    "N16 3->3 per-channel 128x128 k7": (16, 3, 128, 7, 3),
+    "N8 16->16 groups=1 64x64 k3": (8, 16, 64, 3, 1),
+}
+QUICK_CASES = {"N2 3->3 per-channel 16x16 k3": (2, 3, 16, 3, 3)}
+
+IMPLEMENTATIONS = {
+    "kernel": reggan_ext.local_regression,
+    "shifted": reference.local_regression_shifted,
+    "unfold": reference.local_regression,
+}
+
+
+def make_inputs(case, device, dtype, requires_grad=False):
+    batch, channels, size, kernel, groups = case
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=generator, dtype=dtype)
+    w = torch.randn(channels, channels // groups, kernel, kernel, size, size, generator=generator,
+                    dtype=dtype)
+    b = torch.randn(channels, size, size, generator=generator, dtype=dtype)
+    return [t.to(device).requires_grad_(requires_grad) for t in (x, w, b)]
+
+
+def forward_fn(impl, case, x, w, b):
+    _, _, _, kernel, groups = case
+    return lambda: impl(x, w, b, 1, kernel // 2, 1, groups)
+
+
+def pass_fn(impl, case, device, dtype, which):
+    """A no-argument callable running `which` in forward | backward | forward+backward."""
+    x, w, b = make_inputs(case, device, dtype, requires_grad=which != "forward")
+    forward = forward_fn(impl, case, x, w, b)
+    if which == "forward":
+        return forward
+    batch, channels, size, _, _ = case
+    grad = torch.randn(batch, channels, size, size, dtype=dtype, device=device)
+    if which == "backward":
+        y = forward()
+        return lambda: torch.autograd.grad(y, (x, w, b), grad, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), (x, w, b), grad)
+
+
+def forward_traffic_bytes(case, dtype):
+    """Bytes the forward must move at least: read x, weight and bias once, write y once."""
+    batch, channels, size, kernel, groups = case
+    plane = size * size
+    elements = (2 * batch * channels * plane + channels * (channels // groups) * kernel * kernel * plane
+                + channels * plane)
+    return elements * torch.finfo(dtype).bits // 8

@@ -1,0 +1,129 @@
+"""Times the LocalRegression kernels against the pure-PyTorch references side by side in one
+process and prints a Markdown table of ratios, with the forward's achieved bandwidth against a
+memory copy timed in the same run and the peak extra memory of each forward+backward.
+
+    python benchmarks/local_regression_table.py [--device cpu|cuda] [--dtype float32|float64]
+                                                [--quick] [--json PATH]
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above what the inputs hold; on the CPU, the
+growth of the process's peak resident set (ru_maxrss) while one forward+backward runs in a fresh
+subprocess, so it counts every temporary, freed or not, to page granularity."""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_regression_cases import (  # noqa: E402
+    CASES, IMPLEMENTATIONS, QUICK_CASES, forward_traffic_bytes, pass_fn)
+
+PASSES = ("forward", "backward", "forward+backward")
+
+
+def median_seconds(fn, device, min_run_time):
+    fn()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device, dtype, min_run_time):
+    """GB/s of a 256 MiB tensor copy, counting bytes read and written."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).normal_().to(dtype)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, min_run_time)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def peak_memory_cuda(impl, case, dtype):
+    fn = pass_fn(IMPLEMENTATIONS[impl], case, "cuda", dtype, "forward+backward")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def peak_memory_cpu(impl, case_name, dtype):
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure-rss", impl, case_name, "--dtype", dtype],
+        check=True, capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
+def measure_rss(impl, case_name, dtype):
+    """Child process: prints the peak-RSS growth (bytes) of one forward+backward."""
+    cases = {**CASES, **QUICK_CASES}
+    fn = pass_fn(IMPLEMENTATIONS[impl], cases[case_name], "cpu", getattr(torch, dtype),
+                 "forward+backward")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--quick", action="store_true", help="one tiny case (a smoke run)")
+    parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("--measure-rss", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_rss:
+        measure_rss(*args.measure_rss, args.dtype)
+        return
+    import reggan_ext
+
+    if args.device == "cuda" and not (torch.cuda.is_available() and reggan_ext.cuda_built()):
+        sys.exit("--device cuda needs a GPU and a CUDA build of reggan_ext")
+    dtype = getattr(torch, args.dtype)
+    cases = QUICK_CASES if args.quick else CASES
+    min_run_time = 0.05 if args.quick else 0.5
+    copy_gbs = copy_bandwidth(args.device, dtype, min_run_time)
+    rows = []
+    for case_name, case in cases.items():
+        times = {(impl, which): median_seconds(pass_fn(fn, case, args.device, dtype, which),
+                                               args.device, min_run_time)
+                 for impl, fn in IMPLEMENTATIONS.items() for which in PASSES}
+        peak = {impl: (peak_memory_cuda(impl, case, dtype) if args.device == "cuda"
+                       else peak_memory_cpu(impl, case_name, args.dtype))
+                for impl in IMPLEMENTATIONS}
+        forward_gbs = forward_traffic_bytes(case, dtype) / times["kernel", "forward"] / 1e9
+        rows.append(dict(case=case_name, times_ms={f"{i} {w}": t * 1e3 for (i, w), t in times.items()},
+                         forward_gbs=forward_gbs, copy_gbs=copy_gbs,
+                         peak_mib={i: p / 2**20 for i, p in peak.items()}))
+
+    print(f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, torch "
+          f"{torch.__version__}; memory copy {copy_gbs:.1f} GB/s\n")
+    print("| case | pass | kernel ms | shifted ms | unfold ms | vs shifted | vs unfold |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        t = row["times_ms"]
+        for which in PASSES:
+            k, s, u = (t[f"{impl} {which}"] for impl in IMPLEMENTATIONS)
+            print(f"| {row['case']} | {which} | {k:.3f} | {s:.3f} | {u:.2f} | {s / k:.1f}x | "
+                  f"{u / k:.1f}x |")
+    print("\n| case | forward GB/s (min traffic) | % of copy | peak MiB kernel / shifted / unfold |")
+    print("| --- | ---: | ---: | --- |")
+    for row in rows:
+        p = row["peak_mib"]
+        print(f"| {row['case']} | {row['forward_gbs']:.1f} | "
+              f"{100 * row['forward_gbs'] / row['copy_gbs']:.0f}% | "
+              f"{p['kernel']:.1f} / {p['shifted']:.1f} / {p['unfold']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, dtype=args.dtype, torch=torch.__version__,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+// CUDA backend of the ridge ops: checks the arguments (shared with every backend), makes the
+// inputs contiguous and calls the launchers of ridge_kernels.cu on the current stream of the
+// inputs' device.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "ridge/cuda/ridge_kernels.cuh"
+#include "ridge/ridge.h"
+
+namespace reggan_ext {
+namespace {
+
+void check_launch(cudaError_t error, const char* op) {
+  TORCH_CHECK(error == cudaSuccess, op, ": launching the CUDA kernel failed: ",
+              cudaGetErrorName(error), ": ", cudaGetErrorString(error),
+              error == cudaErrorInvalidConfiguration
+                  ? " (more groups, or a longer design row, than one grid can hold)"
+                  : "");
+}
+
+cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void accumulate_cuda(const at::Tensor& gram, const at::Tensor& cross, const at::Tensor& target_sq,
+                     const at::Tensor& input, const at::Tensor& target,
+                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, bool bias) {
+  const RidgeGeometry rg = check_accumulate_args(gram, cross, target_sq, input, target,
+                                                 kernel_size, stride, padding, dilation, groups,
+                                                 bias);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (rg.layer.batch == 0 || rg.pixels() == 0) return;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor y = target.contiguous();
+  const cudaStream_t stream = current_stream(x);
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_accumulate_cuda", [&] {
+    using acc_t = scalar_t;
+    acc_t* g = gram.mutable_data_ptr<acc_t>();
+    acc_t* r = cross.mutable_data_ptr<acc_t>();
+    acc_t* yy = target_sq.mutable_data_ptr<acc_t>();
+    if (x.scalar_type() == at::kFloat) {
+      check_launch(launch_ridge_accumulate(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
+                                           g, r, yy, rg, stream),
+                   "ridge_accumulate_");
+    } else if constexpr (std::is_same_v<acc_t, double>) {
+      check_launch(launch_ridge_accumulate(x.const_data_ptr<double>(),
+                                           y.const_data_ptr<double>(), g, r, yy, rg, stream),
+                   "ridge_accumulate_");
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& gram, const at::Tensor& cross,
+                                              const at::Tensor& lam, bool penalize_last) {
+  const SolveSizes s = check_solve_args(gram, cross, lam);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  // The kernel factors a copy of gram in place and solves in the solution's storage.
+  at::Tensor work = gram.clone(at::MemoryFormat::Contiguous);
+  at::Tensor solution = cross.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor shift = lam.contiguous();
+  at::Tensor info = at::empty({s.groups, s.height, s.width}, gram.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_solve_cuda", [&] {
+    check_launch(launch_ridge_solve(work.mutable_data_ptr<scalar_t>(),
+                                    solution.mutable_data_ptr<scalar_t>(),
+                                    shift.const_data_ptr<scalar_t>(),
+                                    info.mutable_data_ptr<int32_t>(), s.groups, s.unknowns,
+                                    s.out_per_group, s.pixels(), penalize_last,
+                                    current_stream(work)),
+                 "ridge_solve");
+  });
+  return {solution, info};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reggan_ext, CUDA, m) {
+  m.impl("ridge_accumulate_", &accumulate_cuda);
+  m.impl("ridge_solve", &solve_cuda);
+}
+
+}  // namespace reggan_ext

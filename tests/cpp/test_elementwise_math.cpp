@@ -1,0 +1,296 @@
+// The per-thread functions of the CUDA kernels (local_regression_elementwise.h), run on the host
+// for every thread index of a launch, against the CPU ops called through the dispatcher. This
+// checks the CUDA index math without a GPU:
+//   - values, in float64 and float32, with 32- and 64-bit indices;
+//   - every output element written by exactly one thread and nothing written outside the
+//     outputs (a Tracked scalar counts the writes), so the kernels cannot race;
+//   - no read outside the inputs: they sit between NaN guards, and a NaN read shows in a value.
+// Also TapWalker against output_for_input.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "local_regression/local_regression.h"
+#include "local_regression/local_regression_elementwise.h"
+
+namespace {
+
+// A scalar that counts how often it is stored to.
+struct Tracked {
+  double value;
+  int writes;
+};
+double to_acc(Tracked t) { return t.value; }
+void store_acc(Tracked* p, double v) {
+  p->value = v;
+  ++p->writes;
+}
+
+}  // namespace
+
+namespace reggan_ext {
+template <>
+struct Accumulate<Tracked> {
+  using type = double;
+};
+}  // namespace reggan_ext
+
+namespace {
+
+using reggan_ext::LocalGeometry;
+
+using Forward = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t);
+using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+struct Case {
+  int64_t batch, in_ch, out_ch, height, width, kernel_h, kernel_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
+};
+
+int failures = 0;
+
+void fail(const Case& c, const char* what, const char* detail) {
+  std::printf("FAIL %s (%s): N=%ld C_in=%ld C_out=%ld %ldx%ld k=%ldx%ld s=%ldx%ld p=%ldx%ld "
+              "d=%ldx%ld groups=%ld\n",
+              what, detail, (long)c.batch, (long)c.in_ch, (long)c.out_ch, (long)c.height,
+              (long)c.width, (long)c.kernel_h, (long)c.kernel_w, (long)c.stride_h,
+              (long)c.stride_w, (long)c.pad_h, (long)c.pad_w, (long)c.dilation_h,
+              (long)c.dilation_w, (long)c.groups);
+  ++failures;
+}
+
+constexpr int64_t kGuard = 64;
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+template <typename T>
+T make(double v) {
+  return static_cast<T>(v);
+}
+template <>
+Tracked make<Tracked>(double v) {
+  return Tracked{v, 0};
+}
+double value_of(double v) { return v; }
+double value_of(float v) { return v; }
+
+// A tensor's elements (or NaN when undefined) between NaN guards.
+template <typename T>
+struct Guarded {
+  std::vector<T> data;
+  int64_t size;
+
+  Guarded(const at::Tensor& t, int64_t n) : data(n + 2 * kGuard, make<T>(kNaN)), size(n) {
+    if (t.defined()) {
+      const at::Tensor d = t.to(at::kDouble).contiguous();
+      for (int64_t k = 0; k < n; ++k) data[kGuard + k] = make<T>(d.const_data_ptr<double>()[k]);
+    }
+  }
+  T* ptr() { return data.data() + kGuard; }
+  // The elements as a float64 tensor of the given shape.
+  at::Tensor tensor(at::IntArrayRef shape) const {
+    at::Tensor t = at::empty(shape, at::kDouble);
+    for (int64_t k = 0; k < size; ++k) t.mutable_data_ptr<double>()[k] = value_of(data[kGuard + k]);
+    return t;
+  }
+  bool guards_intact() const {
+    for (int64_t k = 0; k < kGuard; ++k) {
+      if (!std::isnan(value_of(data[k])) || !std::isnan(value_of(data[kGuard + size + k]))) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
+bool each_written_once(const Guarded<Tracked>& out) {
+  for (int64_t k = 0; k < static_cast<int64_t>(out.data.size()); ++k) {
+    const bool inside = k >= kGuard && k < kGuard + out.size;
+    if (out.data[k].writes != (inside ? 1 : 0)) return false;
+  }
+  return true;
+}
+
+void expect_close(const Case& c, const char* what, const at::Tensor& got, const at::Tensor& want,
+                  double tolerance) {
+  const at::Tensor expected = want.to(at::kDouble);
+  if (got.sizes() != expected.sizes()) return fail(c, what, "shape");
+  if (got.numel() == 0) return;
+  const double error = (got - expected).abs().max().item<double>();
+  const double scale = 1 + expected.abs().max().item<double>();
+  // NaN (an unwritten element or a read from a guard) fails this test too.
+  if (!(error <= tolerance * scale)) {
+    char detail[64];
+    std::snprintf(detail, sizeof detail, "max error %g", error);
+    fail(c, what, detail);
+  }
+}
+
+struct Inputs {
+  at::Tensor x, w, b, gy;
+  std::vector<int64_t> stride, padding, dilation;
+};
+
+template <typename scalar_t, typename index_t>
+void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double tolerance) {
+  const at::Tensor x = in.x.to(dtype), w = in.w.to(dtype), b = in.b.to(dtype),
+                   gy = in.gy.to(dtype);
+  const LocalGeometry g = reggan_ext::check_forward_args(x, w, b, in.stride, in.padding,
+                                                         in.dilation, c.groups);
+  if (std::is_same<index_t, int32_t>::value && !reggan_ext::fits_int32(g)) {
+    return fail(c, "fits_int32", "a small geometry must take the 32-bit path");
+  }
+  const at::Tensor y_cpu = op<Forward>("reggan_ext::local_regression")
+                               .call(x, w, b, in.stride, in.padding, in.dilation, c.groups);
+  const at::Tensor gx_cpu =
+      op<Backward>("reggan_ext::local_regression_backward_input")
+          .call(gy, w, {c.height, c.width}, in.stride, in.padding, in.dilation, c.groups);
+  const at::Tensor gw_cpu =
+      op<Backward>("reggan_ext::local_regression_backward_weight")
+          .call(gy, x, {c.kernel_h, c.kernel_w}, in.stride, in.padding, in.dilation, c.groups);
+
+  Guarded<scalar_t> gx(x, x.numel()), gw(w, w.numel()), gb(b, b.numel()), ggy(gy, gy.numel());
+  Guarded<scalar_t> y(at::Tensor(), y_cpu.numel()), grad_x(at::Tensor(), x.numel()),
+      grad_w(at::Tensor(), w.numel());
+  for (int64_t e = 0; e < reggan_ext::forward_threads(g); ++e) {
+    reggan_ext::forward_thread(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(), g, static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads(g); ++e) {
+    reggan_ext::backward_input_thread(ggy.ptr(), gw.ptr(), grad_x.ptr(), g,
+                                      static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads(g); ++e) {
+    reggan_ext::backward_weight_thread(ggy.ptr(), gx.ptr(), grad_w.ptr(), g,
+                                       static_cast<index_t>(e));
+  }
+  const bool wide = sizeof(index_t) == 8;
+  expect_close(c, wide ? "forward (int64)" : "forward (int32)", y.tensor(y_cpu.sizes()), y_cpu,
+               tolerance);
+  expect_close(c, wide ? "backward_input (int64)" : "backward_input (int32)",
+               grad_x.tensor(x.sizes()), gx_cpu, tolerance);
+  expect_close(c, wide ? "backward_weight (int64)" : "backward_weight (int32)",
+               grad_w.tensor(w.sizes()), gw_cpu, tolerance);
+  if (!y.guards_intact() || !grad_x.guards_intact() || !grad_w.guards_intact()) {
+    fail(c, "guards", "a thread wrote outside its output");
+  }
+
+  // Without bias (the nullptr path).
+  Guarded<scalar_t> y_nobias(at::Tensor(), y_cpu.numel());
+  for (int64_t e = 0; e < reggan_ext::forward_threads(g); ++e) {
+    reggan_ext::forward_thread<scalar_t>(gx.ptr(), gw.ptr(), nullptr, y_nobias.ptr(), g,
+                                         static_cast<index_t>(e));
+  }
+  const at::Tensor y_nobias_cpu =
+      op<Forward>("reggan_ext::local_regression")
+          .call(x, w, std::nullopt, in.stride, in.padding, in.dilation, c.groups);
+  expect_close(c, "forward without bias", y_nobias.tensor(y_cpu.sizes()), y_nobias_cpu, tolerance);
+}
+
+// Every output element is stored exactly once over all threads, and nothing else is stored.
+template <typename index_t>
+void check_writes(const Case& c, const Inputs& in) {
+  const LocalGeometry g = reggan_ext::check_forward_args(in.x, in.w, in.b, in.stride, in.padding,
+                                                         in.dilation, c.groups);
+  Guarded<Tracked> x(in.x, in.x.numel()), w(in.w, in.w.numel()), b(in.b, in.b.numel()),
+      gy(in.gy, in.gy.numel());
+  Guarded<Tracked> y(at::Tensor(), in.gy.numel()), grad_x(at::Tensor(), in.x.numel()),
+      grad_w(at::Tensor(), in.w.numel());
+  for (int64_t e = 0; e < reggan_ext::forward_threads(g); ++e) {
+    reggan_ext::forward_thread(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g, static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads(g); ++e) {
+    reggan_ext::backward_input_thread(gy.ptr(), w.ptr(), grad_x.ptr(), g, static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads(g); ++e) {
+    reggan_ext::backward_weight_thread(gy.ptr(), x.ptr(), grad_w.ptr(), g, static_cast<index_t>(e));
+  }
+  if (!each_written_once(y)) fail(c, "forward writes", "an element not written exactly once");
+  if (!each_written_once(grad_x)) {
+    fail(c, "backward_input writes", "an element not written exactly once");
+  }
+  if (!each_written_once(grad_w)) {
+    fail(c, "backward_weight writes", "an element not written exactly once");
+  }
+}
+
+void run(const Case& c) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  Inputs in;
+  in.stride = {c.stride_h, c.stride_w};
+  in.padding = {c.pad_h, c.pad_w};
+  in.dilation = {c.dilation_h, c.dilation_w};
+  const int64_t out_h =
+      (c.height + 2 * c.pad_h - c.dilation_h * (c.kernel_h - 1) - 1) / c.stride_h + 1;
+  const int64_t out_w =
+      (c.width + 2 * c.pad_w - c.dilation_w * (c.kernel_w - 1) - 1) / c.stride_w + 1;
+  in.x = at::randn({c.batch, c.in_ch, c.height, c.width}, options);
+  in.w = at::randn({c.out_ch, c.in_ch / c.groups, c.kernel_h, c.kernel_w, out_h, out_w}, options);
+  in.b = at::randn({c.out_ch, out_h, out_w}, options);
+  in.gy = at::randn({c.batch, c.out_ch, out_h, out_w}, options);
+  check_dtype<double, int32_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<double, int64_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<float, int32_t>(c, in, at::kFloat, 1e-5);
+  check_dtype<float, int64_t>(c, in, at::kFloat, 1e-5);
+  check_writes<int32_t>(c, in);
+  check_writes<int64_t>(c, in);
+}
+
+// TapWalker yields output_for_input for every tap without dividing per tap.
+void check_tap_walker() {
+  for (int64_t stride = 1; stride <= 4; ++stride)
+    for (int64_t dilation = 1; dilation <= 5; ++dilation)
+      for (int64_t pad = 0; pad <= 3; ++pad)
+        for (int64_t out_size = 1; out_size <= 9; ++out_size)
+          for (int64_t in = 0; in < 24; ++in) {
+            reggan_ext::TapWalker<int32_t> walker(in, pad, stride, dilation);
+            for (int64_t u = 0; u < 8; ++u, walker.next()) {
+              const int64_t want =
+                  reggan_ext::output_for_input(in, u, stride, pad, dilation, out_size);
+              if (walker.output(out_size) != want) {
+                std::printf("FAIL TapWalker: in=%ld u=%ld stride=%ld pad=%ld dilation=%ld "
+                            "out=%ld: got %ld, want %ld\n",
+                            (long)in, (long)u, (long)stride, (long)pad, (long)dilation,
+                            (long)out_size, (long)walker.output(out_size), (long)want);
+                ++failures;
+                return;
+              }
+            }
+          }
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  check_tap_walker();
+  // {N, C_in, C_out, H, W, kH, kW, sH, sW, pH, pW, dH, dW, groups}
+  const std::vector<Case> cases = {
+      {3, 3, 3, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1, 3},     // RegGAN's per-channel layer
+      {1, 4, 6, 10, 7, 2, 3, 2, 1, 1, 2, 1, 2, 2},     // groups 2, even kernel
+      {3, 2, 4, 13, 8, 5, 3, 3, 2, 2, 1, 2, 1, 1},     // stride 3, dilation 2, 30 taps
+      {1, 1, 1, 5, 17, 1, 7, 1, 3, 0, 3, 1, 2, 1},     // 1x7 kernel
+      {10, 2, 2, 7, 9, 3, 3, 2, 2, 1, 1, 1, 1, 2},     // a partial second batch tile
+      {17, 3, 3, 6, 5, 3, 2, 1, 1, 1, 0, 2, 1, 3},     // batch past backward_weight's tile
+      {3, 4, 4, 4, 12, 4, 2, 1, 2, 3, 1, 1, 3, 4},     // padding around a small image
+      {2, 2, 2, 11, 10, 3, 3, 3, 3, 2, 2, 3, 3, 1},    // dilation a multiple of the stride
+      {1, 2, 4, 12, 9, 3, 3, 2, 2, 0, 1, 3, 3, 2},     // dilation 3 over stride 2
+      {3, 6, 3, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // groups 1, 54 taps
+      {0, 2, 2, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // empty batch: grad_weight is zero
+  };
+  for (const Case& c : cases) run(c);
+  std::printf("%s: %zu geometries, %d failures\n", failures ? "FAILED" : "OK", cases.size(),
+              failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,199 @@
+// Host test of the per-system ridge math that each CUDA thread runs (ridge/ridge_math.h with
+// ScalarLanes, strided storage as on the GPU): LDL^T factor and solve against a dense Gaussian
+// elimination, the positive-definiteness report, and the tap offsets of the design rows.
+// Returns nonzero on failure.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "ridge/ridge_math.h"
+
+using reggan_ext::LocalGeometry;
+using reggan_ext::packed_index;
+using reggan_ext::ScalarLanes;
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, double detail = 0) {
+  if (!ok) {
+    std::printf("FAILED: %s (%g)\n", what, detail);
+    ++failures;
+  }
+}
+
+// x = A^-1 b by Gaussian elimination with partial pivoting on a dense copy.
+std::vector<double> dense_solve(std::vector<double> a, std::vector<double> b, int n) {
+  for (int c = 0; c < n; ++c) {
+    int pivot = c;
+    for (int r = c + 1; r < n; ++r) {
+      if (std::fabs(a[r * n + c]) > std::fabs(a[pivot * n + c])) pivot = r;
+    }
+    for (int k = 0; k < n; ++k) std::swap(a[c * n + k], a[pivot * n + k]);
+    std::swap(b[c], b[pivot]);
+    for (int r = c + 1; r < n; ++r) {
+      const double f = a[r * n + c] / a[c * n + c];
+      for (int k = c; k < n; ++k) a[r * n + k] -= f * a[c * n + k];
+      b[r] -= f * b[c];
+    }
+  }
+  for (int r = n - 1; r >= 0; --r) {
+    for (int k = r + 1; k < n; ++k) b[r] -= a[r * n + k] * b[k];
+    b[r] /= a[r * n + r];
+  }
+  return b;
+}
+
+// A random SPD matrix Z^T Z / rows (dense, n x n).
+std::vector<double> random_spd(int n, std::mt19937& rng) {
+  std::normal_distribution<double> normal;
+  const int rows = 2 * n + 3;
+  std::vector<double> z(rows * n), a(n * n, 0.0);
+  for (double& v : z) v = normal(rng);
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      for (int r = 0; r < rows; ++r) a[i * n + j] += z[r * n + i] * z[r * n + j];
+      a[i * n + j] /= rows;
+    }
+  }
+  return a;
+}
+
+// Solves (A + lam P) x = b through the packed, strided storage a CUDA thread uses.
+template <typename T>
+int32_t packed_solve(const std::vector<double>& dense, const std::vector<double>& b, int n,
+                     double lam, bool penalize_last, int64_t stride, std::vector<T>* x) {
+  std::vector<T> a(n * (n + 1) / 2 * stride, T(-777)), rhs(n * stride, T(-777));
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) a[packed_index(i, j) * stride] = T(dense[i * n + j]);
+    rhs[i * stride] = T(b[i]);
+  }
+  int32_t info = 0;
+  reggan_ext::ldlt_factor<ScalarLanes<T>>(a.data(), n, stride, T(lam), penalize_last,
+                                          std::numeric_limits<T>::epsilon(), info);
+  reggan_ext::ldlt_solve<ScalarLanes<T>>(a.data(), n, stride, rhs.data());
+  x->assign(n, T(0));
+  for (int i = 0; i < n; ++i) (*x)[i] = rhs[i * stride];
+  return info;
+}
+
+void test_solve_matches_dense() {
+  std::mt19937 rng(1);
+  std::normal_distribution<double> normal;
+  for (const int n : {1, 2, 3, 5, 8, 26, 50}) {
+    for (const bool penalize_last : {true, false}) {
+      const double lam = 0.3;
+      std::vector<double> a = random_spd(n, rng), b(n);
+      for (double& v : b) v = normal(rng);
+      std::vector<double> shifted = a;
+      for (int i = 0; i < n; ++i) {
+        if (penalize_last || i + 1 < n) shifted[i * n + i] += lam;
+      }
+      const std::vector<double> expected = dense_solve(shifted, b, n);
+      for (const int64_t stride : {1, 7}) {
+        std::vector<double> x;
+        expect(packed_solve(a, b, n, lam, penalize_last, stride, &x) == 0, "double info");
+        double err = 0, scale = 0;
+        for (int i = 0; i < n; ++i) {
+          err = std::fmax(err, std::fabs(x[i] - expected[i]));
+          scale = std::fmax(scale, std::fabs(expected[i]));
+        }
+        expect(err <= 1e-11 * scale, "double solution", err / scale);
+        std::vector<float> xf;
+        expect(packed_solve(a, b, n, lam, penalize_last, stride, &xf) == 0, "float info");
+        err = 0;
+        for (int i = 0; i < n; ++i) err = std::fmax(err, std::fabs(xf[i] - expected[i]));
+        expect(err <= 1e-3 * scale, "float solution", err / scale);
+      }
+    }
+  }
+}
+
+void test_info_reports_first_failing_minor() {
+  std::mt19937 rng(2);
+  const int n = 6;
+  for (int k = 0; k < n; ++k) {
+    std::vector<double> a = random_spd(n, rng), b(n, 1.0);
+    a[k * n + k] = -5;  // leading minors of order <= k stay positive definite
+    std::vector<double> x;
+    expect(packed_solve(a, b, n, 0.0, true, 3, &x) == k + 1, "info of a negative pivot", k);
+    for (double v : x) expect(std::isfinite(v), "finite despite the failure");
+  }
+  // A zero row (a tap that only reads padding) fails at lam = 0 and passes at lam > 0.
+  std::vector<double> a = random_spd(n, rng), b(n, 1.0);
+  for (int i = 0; i < n; ++i) a[2 * n + i] = a[i * n + 2] = 0;
+  std::vector<double> x;
+  expect(packed_solve(a, b, n, 0.0, true, 1, &x) == 3, "info of a zero row");
+  expect(packed_solve(a, b, n, 1e-3, true, 1, &x) == 0, "zero row with lam > 0");
+  a[0] = NAN;
+  expect(packed_solve(a, b, n, 1.0, true, 1, &x) == 1, "info of NaN");
+  // The threshold: a pivot at or below n * eps * (largest diagonal entry) fails, one above passes.
+  const double eps = std::numeric_limits<double>::epsilon();
+  for (const double pivot : {0.5 * 3 * eps, 3 * eps, 4 * eps, 1e-12}) {
+    const std::vector<double> diagonal = {1, 0, 0, 0, pivot, 0, 0, 0, 1};
+    const std::vector<double> ones(3, 1.0);
+    const int32_t expected = pivot <= 3 * eps ? 2 : 0;
+    expect(packed_solve(diagonal, ones, 3, 0.0, true, 1, &x) == expected, "pivot threshold",
+           pivot);
+  }
+}
+
+void test_tap_offsets() {
+  LocalGeometry g{};
+  g.batch = 1;
+  g.in_channels = 4;
+  g.in_height = 5;
+  g.in_width = 7;
+  g.out_channels = 2;
+  g.groups = 2;
+  g.kernel_h = 2;
+  g.kernel_w = 3;
+  g.stride_h = 2;
+  g.stride_w = 1;
+  g.pad_h = 1;
+  g.pad_w = 2;
+  g.dilation_h = 2;
+  g.dilation_w = 1;
+  g.out_height = (g.in_height + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  g.out_width = (g.in_width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  const int64_t c0 = 2;  // second group
+  for (int64_t i = 0; i < g.out_height; ++i) {
+    for (int64_t j = 0; j < g.out_width; ++j) {
+      int64_t a = 0;
+      for (int64_t c = 0; c < g.in_channels / g.groups; ++c) {
+        for (int64_t u = 0; u < g.kernel_h; ++u) {
+          for (int64_t v = 0; v < g.kernel_w; ++v, ++a) {
+            const int64_t row = i * g.stride_h - g.pad_h + u * g.dilation_h;
+            const int64_t col = j * g.stride_w - g.pad_w + v * g.dilation_w;
+            const bool inside = row >= 0 && row < g.in_height && col >= 0 && col < g.in_width;
+            const int64_t expected =
+                inside ? ((c0 + c) * g.in_height + row) * g.in_width + col : -1;
+            expect(reggan_ext::tap_offset(g, c0, a, i, j) == expected, "tap offset",
+                   double(a));
+          }
+        }
+      }
+    }
+  }
+}
+
+void test_packed_index() {
+  int64_t k = 0;
+  for (int64_t i = 0; i < 9; ++i) {
+    for (int64_t j = 0; j <= i; ++j, ++k) expect(packed_index(i, j) == k, "packed index");
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_packed_index();
+  test_tap_offsets();
+  test_solve_matches_dense();
+  test_info_reports_first_failing_minor();
+  if (failures == 0) std::printf("test_ridge_math: all passed\n");
+  return failures == 0 ? 0 : 1;
+}
