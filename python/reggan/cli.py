@@ -4,6 +4,7 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,20 +52,25 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, exit code 2."""
+    """Usage errors as one line, exit code 2; descriptions wrapped to the help's width."""
+
+    def __init__(self, *args, description=None, **kwargs):
+        if description is not None:
+            description = "\n\n".join(textwrap.fill(p, 96) for p in description.split("\n\n"))
+        super().__init__(*args, description=description, **kwargs)
 
     def error(self, message):
         self.exit(2, f"reggan: error: {message} (see {self.prog} --help)\n")
 
 
-def _common(parser: argparse.ArgumentParser, output: bool = True) -> None:
-    if output:
-        parser.add_argument("--overwrite", action="store_true",
-                            help="replace an existing output folder written by reggan (it is "
-                                 "replaced only once the new output is complete)")
-    parser.add_argument("--strict", action="store_true",
-                        help="make unreadable images and unknown expression names errors "
-                             "instead of warnings")
+def _common(parser: argparse.ArgumentParser, strict: bool = True) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder written by reggan (it is "
+                             "replaced only once the new output is complete)")
+    if strict:
+        parser.add_argument("--strict", action="store_true",
+                            help="make unreadable images and unknown expression names errors "
+                                 "instead of warnings")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error")
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "closed form, train the refinement briefly, synthesize every expression for "
                     "held-out and out-of-distribution faces and scikit-image's astronaut photo, "
                     "and write demo_grid.png, samples/, evaluation/, run/ and report.md into the "
-                    "output folder. About 5 minutes on a 2-core CPU with the demo's defaults "
+                    "output folder. Sized for about 5 minutes on an idle 2-core CPU with the demo's defaults "
                     "(model.gen_width=16, train.steps=300, otherwise the config defaults "
                     "below); overrides train longer or change the model.")
     p.add_argument("--out", default="reggan-demo", metavar="DIR",
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--detector", default="auto", choices=("auto", "opencv", "skimage"),
                    help="face detector for the astronaut photo (default: auto)")
-    _common(p)
+    _common(p, strict=False)
 
     p = commands.add_parser(
         "prepare", help="detect, align and crop faces in photos",
