@@ -219,6 +219,9 @@ def test_synthesize(trained, tmp_path, capsys):
     assert cli("synthesize", "--model", tmp_path / "nothing", "--input", tmp_path / "in",
                "--out", tmp_path / "out4") == 1
     assert_one_line_error(capsys, "does not exist")
+    assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out",
+               tmp_path / "in" / "face0.png" / "out") == 1
+    assert_one_line_error(capsys, "cannot write output folder", "is a file, not a folder")
     (tmp_path / "in" / "bad.png").unlink()
     assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out", out,
                "--overwrite", "--quiet") == 0

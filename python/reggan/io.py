@@ -92,6 +92,8 @@ def check_output(path: Path, overwrite: bool, what: str = "output folder") -> Pa
     parent = path.parent if not path.is_dir() else path
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise RegganError(f"cannot write {what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RegganError(f"cannot write {what} {path}: {parent} is not writable")
     return path
