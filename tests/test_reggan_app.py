@@ -354,6 +354,36 @@ def test_prepare(tmp_path, capsys):
     assert not (tmp_path / "f2").exists()
 
 
+def test_align_puts_the_eyes_where_the_training_faces_have_them():
+    from reggan.prepare import EYE_DISTANCE, EYE_HEIGHT, Face, align
+
+    photo = np.zeros((300, 400, 3), np.uint8)
+    left, right = (150.0, 120.0), (230.0, 140.0)  # tilted by 14 degrees
+    for x, y in (left, right):
+        photo[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3] = 255
+    crop = align(photo, Face((100, 80, 180, 180), (left, right)), 100).astype(float).sum(-1)
+    found = []
+    for half in (crop[:, :50], crop[:, 50:]):
+        ys, xs = np.nonzero(half > 200)
+        found.append((xs.mean(), ys.mean()))
+    found[1] = (found[1][0] + 50, found[1][1])
+    expected_x = (50 - 50 * EYE_DISTANCE, 50 + 50 * EYE_DISTANCE)
+    for (x, y), ex in zip(found, expected_x):
+        assert abs(x + 0.5 - ex) < 1.0 and abs(y + 0.5 - 100 * EYE_HEIGHT) < 1.0
+
+
+def test_opencv_detector_finds_the_astronaut_and_her_eyes():
+    from skimage import data
+
+    from reggan.prepare import make_detector
+
+    faces = make_detector("opencv")(data.astronaut())
+    assert len(faces) == 1 and faces[0].eyes is not None
+    (lx, ly), (rx, ry) = faces[0].eyes
+    x, y, w, h = faces[0].box
+    assert x < lx < rx < x + w and y < min(ly, ry) < y + h / 2
+
+
 def test_demo_smoke(tmp_path):
     overrides = [a for o in TINY for a in ("-o", o)]
     assert cli("demo", "--out", tmp_path / "demo", "--quiet", "--detector", "skimage",
