@@ -1,0 +1,2 @@
+"""RegGAN application package (placeholder for the metrics branch; the app branch owns the real
+one)."""
