@@ -160,23 +160,23 @@ def _cartoon_faces(expressions, count, seed):
 
 def test_trained_classifier_learns_expressions_and_round_trips(tmp_path):
     names = ("happy", "sad", "surprised")
-    train_x, train_y = _cartoon_faces(names, 120, seed=0)
+    train_x, train_y = _cartoon_faces(names, 90, seed=0)
     test_x, test_y = _cartoon_faces(names, 60, seed=1)
     history = []
-    classifier = train_expression_classifier(train_x, train_y, names, epochs=10, batch_size=32,
-                                             width=8, seed=3, progress=lambda *a: history.append(a))
-    assert len(history) == 10 and history[-1][1] < history[0][1]
+    classifier = train_expression_classifier(train_x, train_y, names, epochs=8, batch_size=16,
+                                             width=16, seed=3, progress=lambda *a: history.append(a))
+    assert len(history) == 8 and history[-1][1] < history[0][1]
     result = expression_score(classifier, test_x, test_y)
     assert result.name == "ecs_builtin"
-    assert result.details["accuracy"] > 0.9 and result.value > 0.45, result  # chance: 1/3
+    assert result.details["accuracy"] > 0.9 and result.value > 0.6, result  # chance: 1/3
     assert set(result.details["per_expression"]) == set(names)
     path = tmp_path / "expr.safetensors"
     classifier.save(path)
     loaded = ExpressionClassifier.load(path)
     assert loaded.labels == names and loaded.name == "builtin"
     np.testing.assert_array_equal(expression_features(loaded, test_x), expression_features(classifier, test_x))
-    again = train_expression_classifier(train_x, train_y, names, epochs=1, width=8, seed=3)
-    once_more = train_expression_classifier(train_x, train_y, names, epochs=1, width=8, seed=3)
+    again = train_expression_classifier(train_x[:32], train_y[:32], names, epochs=1, width=4, seed=3)
+    once_more = train_expression_classifier(train_x[:32], train_y[:32], names, epochs=1, width=4, seed=3)
     for a, b in zip(again.state_dict().values(), once_more.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="labels: 'angry' is not an expression"):

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -283,7 +283,7 @@ class ExpressionClassifier(nn.Module):
 
 
 def train_expression_classifier(images: Images, labels: Sequence[str], label_names: Sequence[str],
-                                epochs: int = 15, batch_size: int = 64, lr: float = 2e-3,
+                                epochs: int = 15, batch_size: int = 64, lr: float = 5e-3,
                                 seed: int = 0, device: Union[str, torch.device] = "cpu",
                                 name: str = "builtin", width: int = 32,
                                 progress=None) -> ExpressionClassifier:

@@ -23,9 +23,16 @@ def gaussian_statistics(features, name: str = "features") -> Tuple[np.ndarray, n
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
+def _psd_eigenvalues(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those at rounding level set to 0: a square root turns an
+    error of 1e-16 into 1e-8, which would add up over the null space of a singular covariance."""
+    tol = np.abs(w).max(initial=0.0) * w.size * np.finfo(np.float64).eps
+    return np.where(w > tol, w, 0.0)
+
+
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(sigma)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return (v * np.sqrt(_psd_eigenvalues(w))) @ v.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -46,16 +53,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
             raise ValueError(f"{name}: covariance is not symmetric")
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
-    eig = np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)
+    eig = _psd_eigenvalues(np.linalg.eigvalsh((middle + middle.T) / 2))
     distance = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig).sum())
     # Equal distributions give 0 up to rounding, which may fall below it.
     return max(distance, 0.0)
 
 
 def frechet_distance_of(features_a, features_b) -> float:
-    """The Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D)."""
-    return frechet_distance(*gaussian_statistics(features_a, "features_a"),
-                            *gaussian_statistics(features_b, "features_b"))
+    """The Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D).
+
+    With fewer samples than dimensions (as for 2048-d Inception features of a few hundred
+    images) the covariances are Xa'Xa / (N-1) and Xb'Xb / (M-1) of the centred features, and
+    tr (Sa Sb)^1/2 is exactly the sum of the singular values of Xa Xb' / sqrt((N-1)(M-1)), an
+    N x M matrix: no D x D decomposition, and no square roots of rounding-level eigenvalues."""
+    mu_a, sigma_a = gaussian_statistics(features_a, "features_a")
+    mu_b, sigma_b = gaussian_statistics(features_b, "features_b")
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"features_a and features_b: dimensions differ ({a.shape[1]} and {b.shape[1]})")
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    if min(n, m) > d:
+        return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    xa, xb = a - mu_a, b - mu_b
+    cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
+    distance = float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * cross)
+    return max(distance, 0.0)
 
 
 def _result(name: str, a: np.ndarray, b: np.ndarray, extractor: str) -> MetricResult:
