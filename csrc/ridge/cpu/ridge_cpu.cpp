@@ -35,10 +35,12 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 16;
-// Samples per pass are chosen so that their design rows fit in about this much of L2.
-constexpr int64_t kScratchBytes = 128 << 10;
-// How many samples ahead the accumulation prefetches its inputs.
-constexpr int64_t kPrefetchSamples = 8;
+// Samples per pass are chosen so that their design rows fit in about this much of L1.
+constexpr int64_t kScratchBytes = 32 << 10;
+// The accumulators of the vectors of pixels a task owns fit in about this much of L2.
+constexpr int64_t kAccumulatorBytes = 512 << 10;
+// How many statistics entries ahead the accumulation prefetches those it adds to.
+constexpr size_t kPrefetchEntries = 4;
 
 }  // namespace
 
