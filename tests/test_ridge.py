@@ -162,6 +162,22 @@ def test_statistics_match_numpy_and_reference(geometry, device):
     assert fitter.count == 11
 
 
+@pytest.mark.parametrize("geometry", [dict(cin=8, cout=3, groups=1, k=5, padding=2, size=(4, 37)),
+                                      dict(cin=1, cout=1, k=7, padding=3, size=(3, 75))],
+                         ids=["201-unknowns", "50-unknowns"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_design_rows_over_wide_rows(geometry, dtype, device):
+    """Design rows long enough and output rows wide enough that the CPU kernel splits a row
+    into segments of one or several vectors of pixels, the last one partial."""
+    layer = make_layer(device=device, **geometry)
+    x, y = make_data(layer, 5, device=device)
+    stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+    expected = numpy_statistics(layer, x.to(dtype), y.to(dtype))
+    for key, value in expected.items():
+        assert_close(stats[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 @pytest.mark.parametrize("penalize_bias", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
