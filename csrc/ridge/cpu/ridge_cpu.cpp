@@ -169,6 +169,24 @@ std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& gram, const at::T
   return {solution, info};
 }
 
+std::tuple<at::Tensor, at::Tensor> inverse_trace_cpu(const at::Tensor& gram, const at::Tensor& lam,
+                                                     bool penalize_last) {
+  const SolveSizes s = check_inverse_trace_args(gram, lam);
+  const at::Tensor g = gram.contiguous();
+  const at::Tensor l = lam.contiguous();
+  at::Tensor trace = at::empty(lam.sizes(), lam.options());
+  at::Tensor info = at::empty(lam.sizes(), lam.options().dtype(at::kInt));
+  if (s.pixels() == 0) return {trace, info};
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_inverse_trace_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* lp = l.const_data_ptr<scalar_t>();
+    scalar_t* tp = trace.mutable_data_ptr<scalar_t>();
+    int32_t* ip = info.mutable_data_ptr<int32_t>();
+    with_cpu_isa([&](auto isa) { inverse_trace(isa, gp, lp, tp, ip, s, penalize_last); });
+  });
+  return {trace, info};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
@@ -179,6 +197,7 @@ TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
 TORCH_LIBRARY_IMPL(reggan_ext, CPU, m) {
   m.impl("ridge_accumulate_", &accumulate_cpu);
   m.impl("ridge_solve", &solve_cpu);
+  m.impl("ridge_inverse_trace", &inverse_trace_cpu);
 }
 
 }  // namespace reggan_ext

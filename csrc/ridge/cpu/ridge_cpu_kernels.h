@@ -248,21 +248,23 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   });
 }
 
-// Solves every system of a batch (see ridge_solve's schema); a task owns a group and
-// kSolveParts registers of consecutive pixels, factored together lane by lane.
-template <typename acc_t>
-void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* solution,
-           int32_t* info, const SolveSizes& s, bool penalize_last) {
+// Factors every system (gram + lam P) of a batch and hands each task's factor to
+// after(group, p0, lanes, factor, scratch): a task owns a group and kSolveParts registers of
+// consecutive pixels, factored together lane by lane; scratch holds D vectors. Writes info.
+template <typename acc_t, typename After>
+void for_each_factor(const acc_t* gram, const acc_t* lam, int32_t* info, int64_t groups,
+                     int64_t d, int64_t pixels, bool penalize_last, int64_t after_work,
+                     const After& after) {
   using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
-  const int64_t pixels = s.pixels(), d = s.unknowns, packed = s.packed_size();
+  const int64_t packed = d * (d + 1) / 2;
   const int64_t vectors = (pixels + W - 1) / W;
-  const int64_t work = (d * d * d / 6 + s.out_per_group * d * d) * W;
-  at::parallel_for(0, s.groups * vectors,
+  const int64_t work = (d * d * d / 6 + after_work) * W;
+  at::parallel_for(0, groups * vectors,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
-    VectorBuffer<V> a(packed), b(d);
+    VectorBuffer<V> a(packed), scratch(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / vectors;
       const int64_t p0 = task % vectors * W;
@@ -284,13 +286,42 @@ void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* 
       typename L::flag failed{};  // zeros
       ldlt_factor<L>(a.data(), d, 1, shift, penalize_last,
                      std::numeric_limits<acc_t>::epsilon(), failed);
-      for (int64_t o = 0; o < s.out_per_group; ++o) {
-        const int64_t offset = (group * s.out_per_group + o) * d * pixels + p0;
-        for (int64_t k = 0; k < d; ++k) b[k] = L::load(cross + offset + k * pixels, lanes);
-        ldlt_solve<L>(a.data(), d, 1, b.data());
-        for (int64_t k = 0; k < d; ++k) L::store(solution + offset + k * pixels, b[k], lanes);
-      }
+      after(group, p0, lanes, a.data(), scratch.data());
       for (int64_t l = 0; l < lanes; ++l) info[group * pixels + p0 + l] = L::lane(failed, l);
     }
+  });
+}
+
+// ridge_solve: the factor solves each output's right-hand side.
+template <typename acc_t>
+void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* solution,
+           int32_t* info, const SolveSizes& s, bool penalize_last) {
+  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using V = typename L::value;
+  const int64_t d = s.unknowns, pixels = s.pixels();
+  for_each_factor(gram, lam, info, s.groups, d, pixels, penalize_last,
+                  s.out_per_group * d * d,
+                  [&](int64_t group, int64_t p0, int64_t lanes, const V* factor, V* b) {
+    for (int64_t o = 0; o < s.out_per_group; ++o) {
+      const int64_t offset = (group * s.out_per_group + o) * d * pixels + p0;
+      for (int64_t k = 0; k < d; ++k) b[k] = L::load(cross + offset + k * pixels, lanes);
+      ldlt_solve<L>(factor, d, 1, b);
+      for (int64_t k = 0; k < d; ++k) L::store(solution + offset + k * pixels, b[k], lanes);
+    }
+  });
+}
+
+// ridge_inverse_trace: the sum of the penalized diagonal entries of each system's inverse.
+template <typename acc_t>
+void inverse_trace(Tag, const acc_t* gram, const acc_t* lam, acc_t* trace, int32_t* info,
+                   const SolveSizes& s, bool penalize_last) {
+  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using V = typename L::value;
+  const int64_t d = s.unknowns, pixels = s.pixels();
+  const int64_t penalized = penalize_last ? d : d - 1;
+  for_each_factor(gram, lam, info, s.groups, d, pixels, penalize_last, d * d * d / 6,
+                  [&](int64_t group, int64_t p0, int64_t lanes, const V* factor, V* c) {
+    L::store(trace + group * pixels + p0,
+             ldlt_inverse_diagonal_sum<L>(factor, d, 1, penalized, c), lanes);
   });
 }
