@@ -1,7 +1,8 @@
 // CPU kernels of the ridge ops, vectorized across pixels. ridge_cpu.cpp includes this file once
-// per instruction set, inside a namespace that defines kVectorBytes (the SIMD width in bytes) and
-// kTile (the side of the register tile of the Gram update), after including everything it uses.
-// Hence no include guard and no includes.
+// per instruction set, inside a namespace that defines kVectorBytes (the SIMD width in bytes),
+// kTile (the side of the register tile of the Gram update) and kSolveParts (registers of
+// systems factored side by side), after including everything it uses and defining the tuning
+// constants. Hence no include guard and no includes.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
