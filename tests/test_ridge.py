@@ -162,6 +162,22 @@ def test_statistics_match_numpy_and_reference(geometry, device):
     assert fitter.count == 11
 
 
+@pytest.mark.parametrize("geometry", [dict(cin=8, cout=3, groups=1, k=5, padding=2, size=(4, 37)),
+                                      dict(cin=1, cout=1, k=7, padding=3, size=(3, 75))],
+                         ids=["201-unknowns", "50-unknowns"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_design_rows_over_wide_rows(geometry, dtype, device):
+    """Design rows long enough and output rows wide enough that the CPU kernel splits a row
+    into segments of one or several vectors of pixels, the last one partial."""
+    layer = make_layer(device=device, **geometry)
+    x, y = make_data(layer, 5, device=device)
+    stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+    expected = numpy_statistics(layer, x.to(dtype), y.to(dtype))
+    for key, value in expected.items():
+        assert_close(stats[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 @pytest.mark.parametrize("penalize_bias", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
@@ -410,9 +426,10 @@ def brute_force_gcv(layer, x, y, penalize_bias, scope):
 @pytest.mark.parametrize("scope", ["pixel", "global"])
 @pytest.mark.parametrize("geometry", [dict(cin=2, cout=4, groups=2, padding=1),
                                       dict(cin=1, cout=1, k=2, padding="same", bias=False),
-                                      dict(cin=3, cout=3, groups=3, padding_mode="reflect",
-                                           padding=1)], ids=str)
+                                      dict(cin=3, cout=3, groups=3, padding=(1, 0))], ids=str)
 def test_gcv_matches_brute_force(geometry, scope, penalize_bias):
+    # Circular padding keeps every system solvable at lam = 0.
+    geometry = dict(geometry, padding_mode="circular")
     layer = make_layer(size=(5, 6), **geometry)
     x, _ = make_data(layer, 30, seed=4)
     with torch.no_grad():  # a signal the fit can find, plus noise
@@ -432,11 +449,18 @@ def test_gcv_matches_brute_force(geometry, scope, penalize_bias):
         assert len(np.unique(best)) > 1  # the per-pixel choice is not trivially uniform
 
 
-def test_gcv_is_infinite_without_degrees_of_freedom():
-    layer = make_layer(cin=1, cout=1, k=3, padding=1, size=(4, 4))
-    x, y = make_data(layer, 5)  # 10 unknowns, 5 samples: lam = 0 interpolates
-    scores = RidgeFitter(layer).update(x, y).lambda_scores([0.0, 1.0], "gcv", "pixel")
+def test_gcv_is_infinite_where_lam_cannot_be_used():
+    layer = make_layer(cin=1, cout=1, k=3, padding=1, size=(4, 5))
+    x, y = make_data(layer, 5)  # 10 unknowns, 5 samples: lam = 0 cannot be solved
+    fitter = RidgeFitter(layer).update(x, y)
+    scores = fitter.lambda_scores([0.0, 1.0], "gcv", "pixel")
     assert torch.isinf(scores[0]).all() and torch.isfinite(scores[1]).all()
+    assert fitter.solve([0.0, 1.0], select="gcv", scope="global")[2] == 1.0
+    # Enough samples, but the border taps only read zero padding: singular there at lam = 0.
+    scores = RidgeFitter(layer).update(*make_data(layer, 50)).lambda_scores([0.0], "gcv", "pixel")
+    border = torch.ones(4, 5, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    assert torch.isinf(scores[0, 0][border]).all() and torch.isfinite(scores[0, 0][~border]).all()
 
 
 @pytest.mark.parametrize("penalize_bias", [True, False])
@@ -534,6 +558,26 @@ def test_solve_kernel_matches_torch_linalg(sizes, dtype, penalize_last, device):
     assert (info == 0).all() and (expected_info == 0).all()
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(solution.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 1), (2, 5, 1, 3, 7), (3, 26, 1, 4, 5),
+                                   (1, 40, 1, 1, 17)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("penalize_last", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
+def test_inverse_trace_kernel_matches_torch_linalg(sizes, dtype, penalize_last, device):
+    gram, _, lam = random_systems(*sizes, dtype, device)
+    trace, info = torch.ops.reggan_ext.ridge_inverse_trace(gram, lam, penalize_last)
+    d = sizes[1]
+    penalty = torch.ones(d, dtype=torch.float64, device=device)
+    if not penalize_last:
+        penalty[-1] = 0
+    full = _unpack(gram.double().flatten(2), d) + torch.diag_embed(
+        lam.double().reshape(sizes[0], -1, 1) * penalty)
+    expected = (torch.linalg.inv(full).diagonal(dim1=-2, dim2=-1) * penalty).sum(-1)
+    assert trace.dtype == dtype and (info == 0).all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(trace.double(), expected.reshape(lam.shape), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -695,6 +739,10 @@ def test_kernel_argument_errors():
         ops.ridge_solve(stats["gram"], stats["cross"], lam[:1], True)
     with pytest.raises(TypeError, match="lam has dtype"):
         ops.ridge_solve(stats["gram"], stats["cross"], lam.float(), True)
+    with pytest.raises(ValueError, match=r"expected gram of shape \(groups, D\*\(D\+1\)/2"):
+        ops.ridge_inverse_trace(stats["gram"][:, :-1], lam, True)
+    with pytest.raises(ValueError, match="expected lam of shape"):
+        ops.ridge_inverse_trace(stats["gram"], lam[..., :-1], True)
 
 
 # Registration -----------------------------------------------------------------------------------
@@ -715,6 +763,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.reggan_ext.ridge_solve.default, (gram, cross, lam, True))
     torch.library.opcheck(torch.ops.reggan_ext.ridge_solve.default,
                           (gram.float(), cross.float(), lam.float(), False))
+    for args in [(gram, lam, True), (gram.float(), lam.float(), False)]:
+        torch.library.opcheck(torch.ops.reggan_ext.ridge_inverse_trace.default, args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "local_regression/local_regression.h"
@@ -40,6 +41,7 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const cha
 
 constexpr const char* kAccumulate = "ridge_accumulate_";
 constexpr const char* kSolve = "ridge_solve";
+constexpr const char* kInverseTrace = "ridge_inverse_trace";
 constexpr const char* kGramLayout = "(groups, D*(D+1)/2, H_out, W_out)";
 constexpr const char* kCrossLayout = "(C_out, D, H_out, W_out)";
 constexpr const char* kTargetSqLayout = "(C_out, H_out, W_out)";
@@ -114,6 +116,23 @@ SolveSizes check_solve_args(const at::Tensor& gram, const at::Tensor& cross,
   return s;
 }
 
+SolveSizes check_inverse_trace_args(const at::Tensor& gram, const at::Tensor& lam) {
+  const char* op = kInverseTrace;
+  check_rank(op, "gram", gram, 4, kGramLayout);
+  check_rank(op, "lam", lam, 3, "(groups, H_out, W_out)");
+  check_real(op, "gram", gram);
+  check_like(op, "lam", lam, "gram", gram);
+  // D from D(D+1)/2.
+  const int64_t packed = gram.size(1);
+  const int64_t d = static_cast<int64_t>((std::sqrt(8.0 * double(packed) + 1) - 1) / 2 + 0.5);
+  TORCH_CHECK_VALUE(gram.size(0) >= 1 && d >= 1 && d * (d + 1) / 2 == packed, op,
+                    ": expected gram of shape ", kGramLayout,
+                    " with at least one group and one unknown, got ", gram.sizes());
+  SolveSizes s{gram.size(0), d, 0, gram.size(2), gram.size(3)};
+  check_shape(op, "lam", lam, {s.groups, s.height, s.width}, "(groups, H_out, W_out)");
+  return s;
+}
+
 namespace {
 
 void accumulate_meta(const at::Tensor& gram, const at::Tensor& cross, const at::Tensor& target_sq,
@@ -131,6 +150,13 @@ std::tuple<at::Tensor, at::Tensor> solve_meta(const at::Tensor& gram, const at::
           at::empty({s.groups, s.height, s.width}, gram.options().dtype(at::kInt))};
 }
 
+std::tuple<at::Tensor, at::Tensor> inverse_trace_meta(const at::Tensor& gram,
+                                                      const at::Tensor& lam, bool penalize_last) {
+  check_inverse_trace_args(gram, lam);
+  return {at::empty(lam.sizes(), lam.options()),
+          at::empty(lam.sizes(), lam.options().dtype(at::kInt))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
@@ -146,11 +172,15 @@ TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
   m.def(
       "ridge_solve(Tensor gram, Tensor cross, Tensor lam, bool penalize_last) -> "
       "(Tensor, Tensor)");
+  // sum_j [(G + lam P)^-1]_jj over the penalized j for every group and pixel, (groups, H_out,
+  // W_out), and info as ridge_solve's: the hat-matrix trace of GCV is D - lam * this.
+  m.def("ridge_inverse_trace(Tensor gram, Tensor lam, bool penalize_last) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(reggan_ext, Meta, m) {
   m.impl("ridge_accumulate_", &accumulate_meta);
   m.impl("ridge_solve", &solve_meta);
+  m.impl("ridge_inverse_trace", &inverse_trace_meta);
 }
 
 }  // namespace reggan_ext

@@ -26,4 +26,7 @@ struct SolveSizes {
 SolveSizes check_solve_args(const at::Tensor& gram, const at::Tensor& cross,
                             const at::Tensor& lam);
 
+// ridge_inverse_trace has no right-hand sides: out_per_group is 0.
+SolveSizes check_inverse_trace_args(const at::Tensor& gram, const at::Tensor& lam);
+
 }  // namespace reggan_ext

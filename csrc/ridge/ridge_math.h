@@ -156,4 +156,28 @@ REGGAN_RIDGE_HD void ldlt_solve(const typename Lanes::value* a, int64_t n, int64
   }
 }
 
+// sum_{j < count} [(A + lam P)^-1]_jj from the factor of ldlt_factor: with c = L^-1 e_j (unit
+// lower triangular, so c_i = 0 for i < j and c_j = 1), [(L D L^T)^-1]_jj = sum_i c_i^2 / d_i.
+// c is scratch for n entries with the stride of a. (GCV's hat-matrix trace is
+// D - lam * this sum over the penalized entries.)
+template <class Lanes>
+REGGAN_RIDGE_HD typename Lanes::value ldlt_inverse_diagonal_sum(const typename Lanes::value* a,
+                                                                int64_t n, int64_t stride,
+                                                                int64_t count,
+                                                                typename Lanes::value* c) {
+  using V = typename Lanes::value;
+  V total = Lanes::splat(0);
+  for (int64_t j = 0; j < count; ++j) {
+    c[j * stride] = Lanes::splat(1);
+    total += a[packed_index(j, j) * stride];
+    for (int64_t i = j + 1; i < n; ++i) {  // row i of L c = e_j
+      const V ci = Lanes::splat(0) - dot<Lanes>(a + packed_index(i, j) * stride,
+                                                c + j * stride, i - j, stride);
+      c[i * stride] = ci;
+      total += ci * ci * a[packed_index(i, i) * stride];
+    }
+  }
+  return total;
+}
+
 }  // namespace reggan_ext

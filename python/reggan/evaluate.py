@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from reggan import metrics as metric_registry
+from reggan.metrics import paired as metric_registry
 from reggan.config import BUILTIN
 from reggan.data import PairedFaces, load_paired
 from reggan.datasets import evaluation_splits, training_splits

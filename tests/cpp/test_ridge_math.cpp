@@ -112,6 +112,40 @@ void test_solve_matches_dense() {
   }
 }
 
+// sum_{j < count} [(A + lam P)^-1]_jj against the dense solve of each unit vector.
+void test_inverse_diagonal_sum() {
+  std::mt19937 rng(3);
+  for (const int n : {1, 4, 26}) {
+    for (const bool penalize_last : {true, false}) {
+      const double lam = 0.7;
+      const std::vector<double> a = random_spd(n, rng);
+      std::vector<double> shifted = a;
+      for (int i = 0; i < n; ++i) {
+        if (penalize_last || i + 1 < n) shifted[i * n + i] += lam;
+      }
+      const int count = penalize_last ? n : n - 1;
+      double expected = 0;
+      for (int j = 0; j < count; ++j) {
+        std::vector<double> e(n, 0.0);
+        e[j] = 1;
+        expected += dense_solve(shifted, e, n)[j];
+      }
+      const int64_t stride = 5;
+      std::vector<double> packed(n * (n + 1) / 2 * stride), scratch(n * stride);
+      for (int i = 0; i < n; ++i) {
+        for (int j = 0; j <= i; ++j) packed[packed_index(i, j) * stride] = a[i * n + j];
+      }
+      int32_t info = 0;
+      reggan_ext::ldlt_factor<ScalarLanes<double>>(packed.data(), n, stride, lam, penalize_last,
+                                                   std::numeric_limits<double>::epsilon(), info);
+      const double got = reggan_ext::ldlt_inverse_diagonal_sum<ScalarLanes<double>>(
+          packed.data(), n, stride, count, scratch.data());
+      expect(info == 0 && std::fabs(got - expected) <= 1e-12 * std::fabs(expected),
+             "inverse diagonal sum", got - expected);
+    }
+  }
+}
+
 void test_info_reports_first_failing_minor() {
   std::mt19937 rng(2);
   const int n = 6;
@@ -193,6 +227,7 @@ int main() {
   test_packed_index();
   test_tap_offsets();
   test_solve_matches_dense();
+  test_inverse_diagonal_sum();
   test_info_reports_first_failing_minor();
   if (failures == 0) std::printf("test_ridge_math: all passed\n");
   return failures == 0 ? 0 : 1;

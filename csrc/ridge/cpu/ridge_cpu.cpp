@@ -35,10 +35,12 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 16;
-// Samples per pass are chosen so that their design rows fit in about this much of L2.
-constexpr int64_t kScratchBytes = 128 << 10;
-// How many samples ahead the accumulation prefetches its inputs.
-constexpr int64_t kPrefetchSamples = 8;
+// Samples per pass are chosen so that their design rows fit in about this much of L1.
+constexpr int64_t kScratchBytes = 32 << 10;
+// The accumulators of the vectors of pixels a task owns fit in about this much of L2.
+constexpr int64_t kAccumulatorBytes = 512 << 10;
+// How many statistics entries ahead the accumulation prefetches those it adds to.
+constexpr size_t kPrefetchEntries = 4;
 
 }  // namespace
 
@@ -167,6 +169,24 @@ std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& gram, const at::T
   return {solution, info};
 }
 
+std::tuple<at::Tensor, at::Tensor> inverse_trace_cpu(const at::Tensor& gram, const at::Tensor& lam,
+                                                     bool penalize_last) {
+  const SolveSizes s = check_inverse_trace_args(gram, lam);
+  const at::Tensor g = gram.contiguous();
+  const at::Tensor l = lam.contiguous();
+  at::Tensor trace = at::empty(lam.sizes(), lam.options());
+  at::Tensor info = at::empty(lam.sizes(), lam.options().dtype(at::kInt));
+  if (s.pixels() == 0) return {trace, info};
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_inverse_trace_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* lp = l.const_data_ptr<scalar_t>();
+    scalar_t* tp = trace.mutable_data_ptr<scalar_t>();
+    int32_t* ip = info.mutable_data_ptr<int32_t>();
+    with_cpu_isa([&](auto isa) { inverse_trace(isa, gp, lp, tp, ip, s, penalize_last); });
+  });
+  return {trace, info};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
@@ -177,6 +197,7 @@ TORCH_LIBRARY_FRAGMENT(reggan_ext, m) {
 TORCH_LIBRARY_IMPL(reggan_ext, CPU, m) {
   m.impl("ridge_accumulate_", &accumulate_cpu);
   m.impl("ridge_solve", &solve_cpu);
+  m.impl("ridge_inverse_trace", &inverse_trace_cpu);
 }
 
 }  // namespace reggan_ext

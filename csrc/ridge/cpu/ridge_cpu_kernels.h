@@ -1,7 +1,8 @@
 // CPU kernels of the ridge ops, vectorized across pixels. ridge_cpu.cpp includes this file once
-// per instruction set, inside a namespace that defines kVectorBytes (the SIMD width in bytes) and
-// kTile (the side of the register tile of the Gram update), after including everything it uses.
-// Hence no include guard and no includes.
+// per instruction set, inside a namespace that defines kVectorBytes (the SIMD width in bytes),
+// kTile (the side of the register tile of the Gram update) and kSolveParts (registers of
+// systems factored side by side), after including everything it uses and defining the tuning
+// constants. Hence no include guard and no includes.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
@@ -66,12 +67,23 @@ inline void gram_tile(const V* a_rows, const V* b_rows, int64_t stride, int64_t 
   }
 }
 
-// Statistics of one update. A task owns a group and kWidth consecutive pixels of an output row:
-// for a chunk of samples it copies their augmented design rows [z, y of the group's outputs]
-// into a scratch (lanes = pixels, one row after the other, samples contiguous within a row so
-// that the tiles stream them), then adds the chunk's augmented Gram, tile by tile, to a
-// task-local accumulator; at the end the accumulator is added to gram, cross and target_sq.
-// Each statistic is written by one task, in a fixed order: the result is deterministic.
+// Where the augmented rows of kWidth consecutive pixels read a sample, and the cache lines to
+// prefetch for it (address in sample 0, sample stride).
+template <typename in_t>
+struct VectorReads {
+  std::vector<RowRead<in_t>> rows;
+  std::vector<std::pair<const in_t*, int64_t>> lines;
+  bool contiguous;  // every row reads kWidth consecutive inputs: the interior of the image
+};
+
+// Statistics of one update. A task owns a group and a segment of up to `segment` vectors of
+// kWidth consecutive pixels of an output row. For a chunk of samples and each vector in turn,
+// it copies the augmented design rows [z, y of the group's outputs] into a scratch (lanes =
+// pixels, one row after the other, samples contiguous within a row so that the tiles stream
+// them), then adds the chunk's augmented Gram, tile by tile, to the vector's accumulator. The
+// vectors of a segment read overlapping inputs of the same samples, which stay in cache for
+// the whole chunk. At the end the accumulators are added to gram, cross and target_sq; each
+// statistic is written by one task, in a fixed order: the result is deterministic.
 template <typename in_t, typename acc_t>
 void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                 const RidgeGeometry& rg) {
@@ -83,148 +95,177 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t rows = d + out_per_group;
   const int64_t blocks = (rows + kTile - 1) / kTile;
   const int64_t padded_rows = blocks * kTile;  // rows past `rows` stay zero
-  const int64_t tiles = blocks * (blocks + 1) / 2;
+  const int64_t acc_size = blocks * (blocks + 1) / 2 * kTile * kTile;
   const int64_t chunk =
-      std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 256);
+      std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 64);
   const int64_t row_vectors = (g.out_width + W - 1) / W;
+  const int64_t segment = std::clamp<int64_t>(
+      kAccumulatorBytes / (acc_size * int64_t(sizeof(V))), 1, row_vectors);
+  const int64_t segments = (row_vectors + segment - 1) / segment;
   const int64_t pixels = g.out_plane(), packed = rg.packed_size();
   const int64_t in_sample = g.in_channels * g.in_plane();
   const int64_t out_sample = g.out_channels * pixels;
-  const int64_t work = g.batch * rows * rows * W;
-  at::parallel_for(0, g.groups * g.out_height * row_vectors,
+  const int64_t work = g.batch * rows * rows * W * segment;
+  at::parallel_for(0, g.groups * g.out_height * segments,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
-    VectorBuffer<V> acc(tiles * kTile * kTile);
+    VectorBuffer<V> acc(segment * acc_size);
     VectorBuffer<V> scratch(chunk * padded_rows);
     // The bias row is 1 and the rows past `rows` 0 for every sample: set them once.
     if (rg.bias) {
       for (int64_t s = 0; s < chunk; ++s) scratch[taps * chunk + s] = L::splat(1);
     }
-    std::vector<RowRead<in_t>> reads(taps + out_per_group);
-    std::vector<std::pair<const in_t*, int64_t>> lines;  // address in sample 0, sample stride
+    std::vector<VectorReads<in_t>> reads(segment);
+    std::vector<std::tuple<acc_t*, int64_t, int64_t>> destinations;  // plane, (a, b)
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / (g.out_height * row_vectors);
-      const int64_t i = task / row_vectors % g.out_height;
-      const int64_t j0 = task % row_vectors * W;
-      const int64_t lanes = std::min(W, g.out_width - j0);
+      const int64_t group = task / (g.out_height * segments);
+      const int64_t i = task / segments % g.out_height;
+      const int64_t first = task % segments * segment;
+      const int64_t count_vectors = std::min(segment, row_vectors - first);
       const int64_t c0 = group * g.in_per_group();
       acc.zero();
-      // Where each augmented row reads lane 0 of a sample, its step and its valid lanes.
-      for (int64_t a = 0; a < taps; ++a) {
-        const Tap t = tap_of(a, g);
-        const int64_t in_row = g.input_row(i, t.u);
-        const int64_t offset = g.col_offset(t.v);
-        int64_t jb = 0, je = 0;
-        if (in_row >= 0 && in_row < g.in_height) {
-          valid_output_range(offset, g.stride_w, g.in_width, g.out_width, &jb, &je);
+      for (int64_t v = 0; v < count_vectors; ++v) {
+        const int64_t j0 = (first + v) * W, lanes = std::min(W, g.out_width - j0);
+        VectorReads<in_t>& r = reads[v];
+        r.rows.clear();
+        for (int64_t a = 0; a < taps; ++a) {
+          const Tap t = tap_of(a, g);
+          const int64_t in_row = g.input_row(i, t.u);
+          const int64_t offset = g.col_offset(t.v);
+          int64_t jb = 0, je = 0;
+          if (in_row >= 0 && in_row < g.in_height) {
+            valid_output_range(offset, g.stride_w, g.in_width, g.out_width, &jb, &je);
+          }
+          jb = std::clamp(jb, j0, j0 + lanes);
+          je = std::clamp(je, jb, j0 + lanes);
+          r.rows.push_back(RowRead<in_t>{
+              x, in_sample,
+              ((c0 + t.channel) * g.in_height + in_row) * g.in_width + j0 * g.stride_w + offset,
+              g.stride_w, jb - j0, je - j0, a});
         }
-        jb = std::clamp(jb, j0, j0 + lanes);
-        je = std::clamp(je, jb, j0 + lanes);
-        reads[a] = RowRead<in_t>{x, in_sample,
-                           ((c0 + t.channel) * g.in_height + in_row) * g.in_width +
-                               j0 * g.stride_w + offset,
-                           g.stride_w, jb - j0, je - j0, a};
-      }
-      for (int64_t o = 0; o < out_per_group; ++o) {
-        reads[taps + o] = RowRead<in_t>{
-            y, out_sample,
-            ((group * out_per_group + o) * g.out_height + i) * g.out_width + j0, 1, 0, lanes,
-            d + o};
-      }
-      // The lines to prefetch for a sample: each read's first and last, once.
-      lines.clear();
-      for (const RowRead<in_t>& r : reads) {
-        if (r.begin == r.end) continue;
-        for (const int64_t l : {r.begin, r.end - 1}) {
-          const in_t* p = r.data + r.offset + l * r.step;
-          const auto line = reinterpret_cast<uintptr_t>(p) / 64;
-          if (lines.empty() || lines.back().second != r.sample_stride ||
-              reinterpret_cast<uintptr_t>(lines.back().first) / 64 != line) {
-            lines.emplace_back(p, r.sample_stride);
+        for (int64_t o = 0; o < out_per_group; ++o) {
+          r.rows.push_back(RowRead<in_t>{
+              y, out_sample,
+              ((group * out_per_group + o) * g.out_height + i) * g.out_width + j0, 1, 0, lanes,
+              d + o});
+        }
+        // Each row's first and last line, once.
+        r.lines.clear();
+        for (const RowRead<in_t>& row : r.rows) {
+          if (row.begin == row.end) continue;
+          for (const int64_t l : {row.begin, row.end - 1}) {
+            const in_t* p = row.data + row.offset + l * row.step;
+            const auto line = reinterpret_cast<uintptr_t>(p) / 64;
+            if (r.lines.empty() || r.lines.back().second != row.sample_stride ||
+                reinterpret_cast<uintptr_t>(r.lines.back().first) / 64 != line) {
+              r.lines.emplace_back(p, row.sample_stride);
+            }
           }
         }
+        r.contiguous = std::all_of(r.rows.begin(), r.rows.end(), [&](const RowRead<in_t>& row) {
+          return row.begin == 0 && row.end == W && row.step == 1;
+        });
       }
-      const bool contiguous = std::all_of(reads.begin(), reads.end(), [&](const RowRead<in_t>& r) {
-        return r.begin == 0 && r.end == W && r.step == 1;
-      });
-      const int64_t p0 = i * g.out_width + j0;
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
-        for (int64_t s = 0; s < count; ++s) {
-          const int64_t n = n0 + s;
-          // The samples are far apart in memory, beyond the hardware prefetchers' reach.
-          const int64_t ahead = std::min(n + kPrefetchSamples, g.batch - 1);
-          for (const auto& [p, sample_stride] : lines) __builtin_prefetch(p + ahead * sample_stride);
-          if (contiguous) {  // the interior of the image
-            for (const RowRead<in_t>& r : reads) {
-              scratch[r.row * chunk + s] = L::convert(r.data + n * r.sample_stride + r.offset);
+        for (int64_t v = 0; v < count_vectors; ++v) {
+          const VectorReads<in_t>& r = reads[v];
+          for (int64_t s = 0; s < count; ++s) {
+            const int64_t n = n0 + s;
+            // The same sample of the next chunk: samples lie far apart in memory, beyond the
+            // hardware prefetchers' reach.
+            if (n + chunk < g.batch) {
+              for (const auto& [p, stride] : r.lines) {
+                __builtin_prefetch(p + (n + chunk) * stride);
+              }
             }
-          } else {
-            for (const RowRead<in_t>& r : reads) {
-              scratch[r.row * chunk + s] = L::gather(r.data + n * r.sample_stride, r.offset,
-                                                     r.step, r.begin, r.end);
-            }
-          }
-        }
-        if (n0 + chunk >= g.batch) {
-          // Fetch the statistics this task adds to while the last chunk computes.
-          for (int64_t k = 0; k < packed; ++k) {
-            __builtin_prefetch(gram + (group * packed + k) * pixels + p0, 1);
-          }
-          for (int64_t k = 0; k < out_per_group * (d + 1); ++k) {
-            const int64_t oc = group * out_per_group + k / (d + 1), a = k % (d + 1);
-            __builtin_prefetch(a < d ? cross + (oc * d + a) * pixels + p0
-                                     : target_sq + oc * pixels + p0, 1);
-          }
-        }
-        const V* rows_of = scratch.data();
-        for (int64_t ta = 0; ta < blocks; ++ta) {
-          const V* a_rows = rows_of + ta * kTile * chunk;
-          for (int64_t tb = ta; tb < blocks; ++tb) {
-            V* t = acc.data() + packed_index(tb, ta) * kTile * kTile;
-            if (ta == tb) {
-              gram_tile<true>(a_rows, a_rows, chunk, count, t);
+            if (r.contiguous) {
+              const in_t* x_n = x + n * in_sample;
+              const in_t* y_n = y + n * out_sample;
+              for (int64_t a = 0; a < taps; ++a) {
+                scratch[a * chunk + s] = L::convert(x_n + r.rows[a].offset);
+              }
+              for (int64_t o = 0; o < out_per_group; ++o) {
+                scratch[(d + o) * chunk + s] = L::convert(y_n + r.rows[taps + o].offset);
+              }
             } else {
-              gram_tile<false>(a_rows, rows_of + tb * kTile * chunk, chunk, count, t);
+              for (const RowRead<in_t>& row : r.rows) {
+                scratch[row.row * chunk + s] = L::gather(row.data + n * row.sample_stride,
+                                                         row.offset, row.step, row.begin,
+                                                         row.end);
+              }
+            }
+          }
+          const V* rows_of = scratch.data();
+          V* vector_acc = acc.data() + v * acc_size;
+          for (int64_t ta = 0; ta < blocks; ++ta) {
+            const V* a_rows = rows_of + ta * kTile * chunk;
+            for (int64_t tb = ta; tb < blocks; ++tb) {
+              V* t = vector_acc + packed_index(tb, ta) * kTile * kTile;
+              if (ta == tb) {
+                gram_tile<true>(a_rows, a_rows, chunk, count, t);
+              } else {
+                gram_tile<false>(a_rows, rows_of + tb * kTile * chunk, chunk, count, t);
+              }
             }
           }
         }
       }
-      // Entry (a, b) of the augmented Gram: G for b < d, R for a < d <= b, y^2 for a = b >= d.
-      const auto add = [&](acc_t* dst, int64_t a, int64_t b) {
-        const V& v = acc[(packed_index(b / kTile, a / kTile) * kTile + a % kTile) * kTile +
-                         b % kTile];
-        L::store(dst, L::load(dst, lanes) + v, lanes);
-      };
+      // Entry (a, b) of the augmented Gram goes to G for b < d, R for a < d <= b, y^2 for
+      // a = b >= d. The segment's pixels of an entry are contiguous in the statistics, and the
+      // entries lie a plane apart: prefetch a few entries ahead.
+      destinations.clear();
       for (int64_t a = 0; a < d; ++a) {
         for (int64_t b = a; b < d; ++b) {
-          add(gram + (group * packed + packed_index(b, a)) * pixels + p0, a, b);
+          destinations.emplace_back(gram + (group * packed + packed_index(b, a)) * pixels, a, b);
         }
       }
       for (int64_t o = 0; o < out_per_group; ++o) {
         const int64_t oc = group * out_per_group + o;
-        for (int64_t a = 0; a < d; ++a) add(cross + (oc * d + a) * pixels + p0, a, d + o);
-        add(target_sq + oc * pixels + p0, d + o, d + o);
+        for (int64_t a = 0; a < d; ++a) {
+          destinations.emplace_back(cross + (oc * d + a) * pixels, a, d + o);
+        }
+        destinations.emplace_back(target_sq + oc * pixels, d + o, d + o);
+      }
+      const int64_t p0 = i * g.out_width + first * W;
+      const int64_t segment_lanes = std::min(count_vectors * W, g.out_width - first * W);
+      for (size_t e = 0; e < destinations.size(); ++e) {
+        if (e + kPrefetchEntries < destinations.size()) {
+          acc_t* ahead = std::get<0>(destinations[e + kPrefetchEntries]) + p0;
+          for (int64_t l = 0; l < segment_lanes; l += 64 / int64_t(sizeof(acc_t))) {
+            __builtin_prefetch(ahead + l, 1);
+          }
+        }
+        const auto [plane, a, b] = destinations[e];
+        const int64_t index =
+            (packed_index(b / kTile, a / kTile) * kTile + a % kTile) * kTile + b % kTile;
+        for (int64_t v = 0; v < count_vectors; ++v) {
+          acc_t* dst = plane + p0 + v * W;
+          const int64_t lanes = std::min(W, segment_lanes - v * W);
+          L::store(dst, L::load(dst, lanes) + acc[v * acc_size + index], lanes);
+        }
       }
     }
   });
 }
 
-// Solves every system of a batch (see ridge_solve's schema); a task owns a group and
-// kSolveParts registers of consecutive pixels, factored together lane by lane.
-template <typename acc_t>
-void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* solution,
-           int32_t* info, const SolveSizes& s, bool penalize_last) {
+// Factors every system (gram + lam P) of a batch and hands each task's factor to
+// after(group, p0, lanes, factor, scratch): a task owns a group and kSolveParts registers of
+// consecutive pixels, factored together lane by lane; scratch holds D vectors. Writes info.
+template <typename acc_t, typename After>
+void for_each_factor(const acc_t* gram, const acc_t* lam, int32_t* info, int64_t groups,
+                     int64_t d, int64_t pixels, bool penalize_last, int64_t after_work,
+                     const After& after) {
   using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
-  const int64_t pixels = s.pixels(), d = s.unknowns, packed = s.packed_size();
+  const int64_t packed = d * (d + 1) / 2;
   const int64_t vectors = (pixels + W - 1) / W;
-  const int64_t work = (d * d * d / 6 + s.out_per_group * d * d) * W;
-  at::parallel_for(0, s.groups * vectors,
+  const int64_t work = (d * d * d / 6 + after_work) * W;
+  at::parallel_for(0, groups * vectors,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
-    VectorBuffer<V> a(packed), b(d);
+    VectorBuffer<V> a(packed), scratch(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / vectors;
       const int64_t p0 = task % vectors * W;
@@ -246,13 +287,42 @@ void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* 
       typename L::flag failed{};  // zeros
       ldlt_factor<L>(a.data(), d, 1, shift, penalize_last,
                      std::numeric_limits<acc_t>::epsilon(), failed);
-      for (int64_t o = 0; o < s.out_per_group; ++o) {
-        const int64_t offset = (group * s.out_per_group + o) * d * pixels + p0;
-        for (int64_t k = 0; k < d; ++k) b[k] = L::load(cross + offset + k * pixels, lanes);
-        ldlt_solve<L>(a.data(), d, 1, b.data());
-        for (int64_t k = 0; k < d; ++k) L::store(solution + offset + k * pixels, b[k], lanes);
-      }
+      after(group, p0, lanes, a.data(), scratch.data());
       for (int64_t l = 0; l < lanes; ++l) info[group * pixels + p0 + l] = L::lane(failed, l);
     }
+  });
+}
+
+// ridge_solve: the factor solves each output's right-hand side.
+template <typename acc_t>
+void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* solution,
+           int32_t* info, const SolveSizes& s, bool penalize_last) {
+  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using V = typename L::value;
+  const int64_t d = s.unknowns, pixels = s.pixels();
+  for_each_factor(gram, lam, info, s.groups, d, pixels, penalize_last,
+                  s.out_per_group * d * d,
+                  [&](int64_t group, int64_t p0, int64_t lanes, const V* factor, V* b) {
+    for (int64_t o = 0; o < s.out_per_group; ++o) {
+      const int64_t offset = (group * s.out_per_group + o) * d * pixels + p0;
+      for (int64_t k = 0; k < d; ++k) b[k] = L::load(cross + offset + k * pixels, lanes);
+      ldlt_solve<L>(factor, d, 1, b);
+      for (int64_t k = 0; k < d; ++k) L::store(solution + offset + k * pixels, b[k], lanes);
+    }
+  });
+}
+
+// ridge_inverse_trace: the sum of the penalized diagonal entries of each system's inverse.
+template <typename acc_t>
+void inverse_trace(Tag, const acc_t* gram, const acc_t* lam, acc_t* trace, int32_t* info,
+                   const SolveSizes& s, bool penalize_last) {
+  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using V = typename L::value;
+  const int64_t d = s.unknowns, pixels = s.pixels();
+  const int64_t penalized = penalize_last ? d : d - 1;
+  for_each_factor(gram, lam, info, s.groups, d, pixels, penalize_last, d * d * d / 6,
+                  [&](int64_t group, int64_t p0, int64_t lanes, const V* factor, V* c) {
+    L::store(trace + group * pixels + p0,
+             ldlt_inverse_diagonal_sum<L>(factor, d, 1, penalized, c), lanes);
   });
 }

@@ -78,11 +78,32 @@ std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& gram, const at::
   return {solution, info};
 }
 
+std::tuple<at::Tensor, at::Tensor> inverse_trace_cuda(const at::Tensor& gram,
+                                                      const at::Tensor& lam, bool penalize_last) {
+  const SolveSizes s = check_inverse_trace_args(gram, lam);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  at::Tensor work = gram.clone(at::MemoryFormat::Contiguous);
+  at::Tensor scratch = at::empty({s.groups, s.unknowns, s.pixels()}, gram.options());
+  const at::Tensor shift = lam.contiguous();
+  at::Tensor trace = at::empty(lam.sizes(), lam.options());
+  at::Tensor info = at::empty(lam.sizes(), lam.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_inverse_trace_cuda", [&] {
+    check_launch(launch_ridge_inverse_trace(
+                     work.mutable_data_ptr<scalar_t>(), scratch.mutable_data_ptr<scalar_t>(),
+                     shift.const_data_ptr<scalar_t>(), trace.mutable_data_ptr<scalar_t>(),
+                     info.mutable_data_ptr<int32_t>(), s.groups, s.unknowns, s.pixels(),
+                     penalize_last, current_stream(work)),
+                 "ridge_inverse_trace");
+  });
+  return {trace, info};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reggan_ext, CUDA, m) {
   m.impl("ridge_accumulate_", &accumulate_cuda);
   m.impl("ridge_solve", &solve_cuda);
+  m.impl("ridge_inverse_trace", &inverse_trace_cuda);
 }
 
 }  // namespace reggan_ext

@@ -123,6 +123,24 @@ __global__ void __launch_bounds__(kThreads)
   info[group * pixels + p] = failed;
 }
 
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    inverse_trace_kernel(acc_t* __restrict__ work, acc_t* __restrict__ scratch,
+                         const acc_t* __restrict__ lam, acc_t* __restrict__ trace,
+                         int32_t* __restrict__ info, int64_t d, int64_t pixels,
+                         bool penalize_last, double eps) {
+  const int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  if (p >= pixels) return;
+  const int64_t group = blockIdx.y;
+  acc_t* a = work + group * (d * (d + 1) / 2) * pixels + p;
+  const acc_t shift = lam[group * pixels + p];
+  int32_t failed = 0;
+  ldlt_factor<ScalarLanes<acc_t>>(a, d, pixels, shift, penalize_last, eps, failed);
+  trace[group * pixels + p] = ldlt_inverse_diagonal_sum<ScalarLanes<acc_t>>(
+      a, d, pixels, penalize_last ? d : d - 1, scratch + group * d * pixels + p);
+  info[group * pixels + p] = failed;
+}
+
 unsigned int pixel_blocks(int64_t pixels) {
   return static_cast<unsigned int>((pixels + kThreads - 1) / kThreads);
 }
@@ -158,6 +176,20 @@ cudaError_t launch_ridge_solve(acc_t* work, acc_t* solution, const acc_t* lam, i
   return cudaGetLastError();
 }
 
+template <typename acc_t>
+cudaError_t launch_ridge_inverse_trace(acc_t* work, acc_t* scratch, const acc_t* lam,
+                                       acc_t* trace, int32_t* info, int64_t groups,
+                                       int64_t unknowns, int64_t pixels, bool penalize_last,
+                                       cudaStream_t stream) {
+  if (pixels == 0) return cudaSuccess;
+  if (groups > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const dim3 grid(pixel_blocks(pixels), static_cast<unsigned int>(groups));
+  inverse_trace_kernel<acc_t><<<grid, kThreads, 0, stream>>>(
+      work, scratch, lam, trace, info, unknowns, pixels, penalize_last,
+      std::numeric_limits<acc_t>::epsilon());
+  return cudaGetLastError();
+}
+
 template cudaError_t launch_ridge_accumulate<float, double>(const float*, const float*, double*,
                                                             double*, double*,
                                                             const RidgeGeometry&, cudaStream_t);
@@ -172,5 +204,12 @@ template cudaError_t launch_ridge_solve<float>(float*, float*, const float*, int
 template cudaError_t launch_ridge_solve<double>(double*, double*, const double*, int32_t*,
                                                 int64_t, int64_t, int64_t, int64_t, bool,
                                                 cudaStream_t);
+
+template cudaError_t launch_ridge_inverse_trace<float>(float*, float*, const float*, float*,
+                                                       int32_t*, int64_t, int64_t, int64_t, bool,
+                                                       cudaStream_t);
+template cudaError_t launch_ridge_inverse_trace<double>(double*, double*, const double*, double*,
+                                                        int32_t*, int64_t, int64_t, int64_t,
+                                                        bool, cudaStream_t);
 
 }  // namespace reggan_ext

@@ -27,4 +27,12 @@ cudaError_t launch_ridge_solve(acc_t* work, acc_t* solution, const acc_t* lam, i
                                int64_t groups, int64_t unknowns, int64_t out_per_group,
                                int64_t pixels, bool penalize_last, cudaStream_t stream);
 
+// trace (groups, pixels) of ridge_inverse_trace, factoring work = gram in place; scratch holds
+// (groups, D, pixels). Instantiated for float and double.
+template <typename acc_t>
+cudaError_t launch_ridge_inverse_trace(acc_t* work, acc_t* scratch, const acc_t* lam,
+                                       acc_t* trace, int32_t* info, int64_t groups,
+                                       int64_t unknowns, int64_t pixels, bool penalize_last,
+                                       cudaStream_t stream);
+
 }  // namespace reggan_ext

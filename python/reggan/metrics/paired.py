@@ -1,5 +1,5 @@
-"""Metrics of synthesized faces, behind one small interface so that more can be added (the
-evaluation issue adds expression, identity and distribution metrics).
+"""Paired metrics of synthesized faces (L1, PSNR, SSIM against the paired target), behind one
+small interface for `reggan evaluate`.
 
 A metric sees batches (source, output, target, label) and reduces them to one number:
 `update(...)` then `compute()`. Per-image metrics against the paired target only define
