@@ -1,4 +1,5 @@
-"""Benchmark table of the ridge solver: every ratio below is measured side by side in one run.
+"""Benchmark table of the ridge solver: every ratio is measured side by side in one run, the
+contenders taking turns (interleaved) so that a change in the machine's load hits them alike.
 
     python benchmarks/ridge_table.py [--device cpu|cuda] [--batch 256] [--size 128] [--ks 3 5 7]
 
@@ -9,8 +10,9 @@ padding='same') with kernel k:
     masked regression (one small np.linalg.solve per pixel, timed on a sample of pixels and
     scaled to all of them);
   - the Gram accumulation in GFLOP/s (2 flops per multiply-add of the upper triangle with the
-    bias, D(D+1)/2 per sample and pixel) against torch.mm's sgemm rate measured in the same run;
-  - the batched solve against torch.linalg.cholesky + cholesky_solve on the same systems;
+    bias, D(D+1)/2 per sample and pixel) against torch.mm's sgemm rate (2048^3), in turns;
+  - the batched solve (the ridge_solve op) against torch.linalg.cholesky + cholesky_solve on the
+    same systems;
   - the memory of the statistics against the unfolded copy of the data the reference makes.
 """
 
@@ -26,19 +28,29 @@ from reggan_ext.ridge import _unpack, reference_fit
 LAM = 1e-2
 
 
-def best_time(fn, device, repeats=3):
-    """Best wall time of fn() over `repeats` runs after one warm-up run."""
-    def run():
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+def elapsed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
-    run()
-    return min(run() for _ in range(repeats))
+
+def interleaved(fns, device, rounds=3, once=()):
+    """Best wall time of each of fns (name -> function), running them in turn for `rounds`
+    rounds (those named in `once` in the first round only, without warm-up), so that a change
+    in the machine's load hits every contender alike."""
+    for name, fn in fns.items():
+        if name not in once:
+            fn()
+    best = {}
+    for round_ in range(rounds):
+        for name, fn in fns.items():
+            if round_ == 0 or name not in once:
+                best[name] = min(best.get(name, float("inf")), elapsed(fn, device))
+    return best
 
 
 def workload(k, batch, size, device, seed=0):
@@ -79,12 +91,6 @@ def numpy_per_pixel_seconds(layer, x, y, pixels=256, seed=0):
     return (time.perf_counter() - start) / pixels
 
 
-def sgemm_gflops(device, n=2048):
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    return 2 * n ** 3 / best_time(lambda: a @ b, device, 5) / 1e9
-
-
 def gram_flops(k, batch, size):
     d = k * k + 1
     return 2 * d * (d + 1) // 2 * batch * size * size * 3
@@ -94,16 +100,15 @@ def solve_comparison(fitter, device):
     """(our solve, torch.linalg) seconds on the fitter's systems."""
     stats = fitter.statistics
     lam_map = torch.full(stats["target_sq"].shape, LAM, dtype=fitter.dtype, device=device)
-    ours = best_time(lambda: fitter._solve_map(lam_map), device)
     d = fitter.unknowns
     eye = torch.eye(d, dtype=fitter.dtype, device=device)
     full = _unpack(stats["gram"].flatten(2), d) + LAM * eye
     rhs = stats["cross"].flatten(2).transpose(1, 2).unsqueeze(-1).contiguous()
-
-    def torch_linalg():
-        return torch.cholesky_solve(rhs, torch.linalg.cholesky(full))
-
-    return ours, best_time(torch_linalg, device, 2)
+    best = interleaved({
+        "ours": lambda: torch.ops.reggan_ext.ridge_solve(stats["gram"], stats["cross"], lam_map,
+                                                         True),
+        "torch.linalg": lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky(full))}, device)
+    return best["ours"], best["torch.linalg"]
 
 
 def main():
@@ -117,26 +122,29 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU kernels: {torch.ops.reggan_ext.ridge_cpu_isa()}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
-    sgemm = sgemm_gflops(device)
-    print(f"sgemm (torch.mm 2048^3 float32): {sgemm:.0f} GFLOP/s\n")
     rows = []
     for k in args.ks:
         layer, x, y = workload(k, args.batch, args.size, device)
-        fit = best_time(lambda: ours_fit(layer, x, y), device)
-        fit32 = best_time(lambda: ours_fit(layer, x, y, torch.float32), device)
-        ref = best_time(lambda: reference(layer, x, y), device, 1)
+        fit = interleaved({"ours": lambda: ours_fit(layer, x, y),
+                           "ours32": lambda: ours_fit(layer, x, y, torch.float32),
+                           "reference": lambda: reference(layer, x, y)},
+                          device, once=("reference",))
         per_pixel = numpy_per_pixel_seconds(layer, x, y) * 3 * args.size ** 2
-        # The statistics exist already: time the accumulation alone.
+        # The statistics exist already: time the accumulation alone, against sgemm.
         fitter, fitter32 = RidgeFitter(layer), RidgeFitter(layer, dtype=torch.float32)
-        update = best_time(lambda: fitter.update(x, y), device)
-        update32 = best_time(lambda: fitter32.update(x, y), device)
+        a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+        gram = interleaved({"update": lambda: fitter.update(x, y),
+                            "update32": lambda: fitter32.update(x, y),
+                            "sgemm": lambda: a @ b}, device, rounds=5)
+        sgemm = 2 * 2048 ** 3 / gram["sgemm"] / 1e9
         flops = gram_flops(k, args.batch, args.size)
         solve, linalg = solve_comparison(fitter, device)
         solve32, linalg32 = solve_comparison(fitter32, device)
         stats_bytes = sum(t.numel() * t.element_size() for t in fitter.statistics.values())
         unfolded = args.batch * 3 * k * k * args.size ** 2 * x.element_size()
-        rows.append((k, fit, fit32, ref, per_pixel, update, update32, flops, solve, linalg,
-                     solve32, linalg32, stats_bytes, unfolded))
+        rows.append((k, fit["ours"], fit["ours32"], fit["reference"], per_pixel, gram["update"],
+                     gram["update32"], flops, sgemm, solve, linalg, solve32, linalg32,
+                     stats_bytes, unfolded))
 
     print("| k | fit (f64 stats) | fit (f32 stats) | PyTorch reference | x reference | "
           "numpy per pixel | x numpy |")
@@ -144,11 +152,11 @@ def main():
     for k, fit, fit32, ref, per_pixel, *_ in rows:
         print(f"| {k} | {fit:.3f} s | {fit32:.3f} s | {ref:.2f} s | {ref / fit:.1f} | "
               f"{per_pixel:.1f} s | {per_pixel / fit:.0f} |")
-    print("\n| k | Gram update f64 | GFLOP/s | % of sgemm | Gram update f32 | GFLOP/s | "
-          "% of sgemm |")
-    print("|---|---|---|---|---|---|---|")
-    for k, _, _, _, _, update, update32, flops, *_ in rows:
-        print(f"| {k} | {update * 1e3:.0f} ms | {flops / update / 1e9:.0f} | "
+    print("\n| k | sgemm GFLOP/s | Gram update f64 | GFLOP/s | % of sgemm | Gram update f32 | "
+          "GFLOP/s | % of sgemm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, _, _, _, _, update, update32, flops, sgemm, *_ in rows:
+        print(f"| {k} | {sgemm:.0f} | {update * 1e3:.0f} ms | {flops / update / 1e9:.0f} | "
               f"{100 * flops / update / 1e9 / sgemm:.0f}% | {update32 * 1e3:.0f} ms | "
               f"{flops / update32 / 1e9:.0f} | {100 * flops / update32 / 1e9 / sgemm:.0f}% |")
     print("\n| k | D | systems | solve f64 | torch.linalg f64 | x | solve f32 | "

@@ -289,15 +289,30 @@ class RidgeFitter:
         if self.count == 0:
             raise RuntimeError("RidgeFitter.solve: no data; call update(x, y) (or merge, "
                                "load_state_dict) before solving")
+
+    def _raise_failure(self, info: torch.Tensor, solution: torch.Tensor) -> None:
+        """Explains failed systems. Non-finite statistics need no check of their own on the way
+        to a success: a NaN or Inf in G fails its system's pivot test (the tolerance becomes
+        Inf or a pivot NaN), one in r or yy makes the solution non-finite."""
+        failed = int((info != 0).sum())
+        if not failed and bool(torch.isfinite(solution).all()):
+            return
         stats = self._statistics
-        finite = (torch.isfinite(stats["gram"]).all(1) &
-                  torch.isfinite(stats["cross"]).reshape(self.groups, -1,
-                                                         *stats["cross"].shape[2:]).all(1))
+        finite = torch.isfinite(stats["gram"]).all(1)
+        for key in ("cross", "target_sq"):
+            per_system = stats[key].reshape(self.groups, -1, *stats[key].shape[-2:])
+            finite &= torch.isfinite(per_system).all(1)
         bad = int((~finite).sum())
         if bad:
             raise RuntimeError(f"RidgeFitter.solve: the statistics of {bad} of {finite.numel()} "
                                "pixel systems are not finite (NaN or Inf in x or y, or overflow "
                                "of float32 statistics)")
+        if failed:
+            raise RuntimeError(
+                f"RidgeFitter.solve: {failed} of {info.numel()} pixel systems are not "
+                "numerically positive definite (fewer independent samples than the "
+                f"{self.unknowns} unknowns, or inputs constant over the batch); use lam > 0")
+        raise RuntimeError("RidgeFitter.solve: the solution overflowed; use a larger lam")
 
     def _surely_singular(self, lam_map: torch.Tensor) -> torch.Tensor:
         """Systems that cannot be solved whatever rounding does: lam = 0 with fewer samples than
@@ -355,14 +370,7 @@ class RidgeFitter:
                 f"with {self.count} samples for {self.unknowns} unknowns, so they are singular; "
                 "use lam > 0")
         solution, info = self._solve_map(lam_map)
-        failed = int((info != 0).sum())
-        if failed:
-            raise RuntimeError(
-                f"RidgeFitter.solve: {failed} of {info.numel()} pixel systems are not "
-                "numerically positive definite (fewer independent samples than the "
-                f"{self.unknowns} unknowns, or inputs constant over the batch); use lam > 0")
-        if not bool(torch.isfinite(solution).all()):
-            raise RuntimeError("RidgeFitter.solve: the solution overflowed; use a larger lam")
+        self._raise_failure(info, solution)
         weight, bias = self._split(solution)
         return (weight, bias) if select is None else (weight, bias, chosen)
 

@@ -702,9 +702,12 @@ def test_rank_deficient_and_non_finite_fail_loudly():
     fitter = RidgeFitter(layer).update(*make_data(layer, 50))
     with pytest.raises(RuntimeError, match=r"14 of 20 pixel systems"):
         fitter.solve(0.0)
-    x[0, 0, 1, 1] = math.nan
-    with pytest.raises(RuntimeError, match="are not finite"):
-        RidgeFitter(layer).update(x, y).solve(1.0)
+    for name, value in [("x", math.nan), ("x", math.inf), ("y", math.nan), ("y", -math.inf)]:
+        xb, yb = x.clone(), y.clone()
+        (xb if name == "x" else yb)[0, 0, 1, 1] = value
+        with pytest.raises(RuntimeError, match=r"statistics of [1-9]\d* of 20 pixel systems are "
+                                               "not finite"):
+            RidgeFitter(layer).update(xb, yb).solve(1.0)
 
 
 def test_kernel_argument_errors():
