@@ -7,17 +7,16 @@
 //   - no read outside the inputs: they sit between NaN guards, and a NaN read shows in a value.
 // Also TapWalker against output_for_input.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstdio>
 #include <limits>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "local_regression/local_regression.h"
 #include "local_regression/local_regression_elementwise.h"
+#include "local_regression_ops.h"
 
 namespace {
 
@@ -45,20 +44,10 @@ namespace {
 
 using reggan_ext::LocalGeometry;
 
-using Forward = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t);
-using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-struct Case {
-  int64_t batch, in_ch, out_ch, height, width, kernel_h, kernel_w;
-  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
-};
+using local_regression_test::Backward;
+using local_regression_test::Case;
+using local_regression_test::Forward;
+using local_regression_test::op;
 
 int failures = 0;
 

@@ -2,28 +2,18 @@
 // against a direct loop over the definition; the backward ops against the forward through the
 // adjoint identities <grad_y, f(x, w)> = <grad_x, x> = <grad_w, w> (f is bilinear, no bias).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdio>
-#include <optional>
 #include <vector>
+
+#include "local_regression_ops.h"
 
 namespace {
 
-using Forward = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t);
-using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-struct Case {
-  int64_t batch, in_ch, out_ch, height, width, kernel_h, kernel_w;
-  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
-};
+using local_regression_test::Backward;
+using local_regression_test::Case;
+using local_regression_test::Forward;
+using local_regression_test::op;
 
 at::Tensor direct_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                           const Case& c) {
