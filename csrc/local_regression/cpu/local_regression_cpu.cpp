@@ -26,9 +26,9 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 14;
-// A task's padded scratch rows fit in about this much of L1.
+// A task's padded scratch rows fit in about this much of L2.
 template <typename T>
-constexpr int64_t kScratchElements = (24 << 10) / sizeof(T);
+constexpr int64_t kScratchElements = (64 << 10) / sizeof(T);
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
