@@ -217,7 +217,7 @@ def test_backward_is_bitwise_equal_across_thread_counts():
 # Geometries that take each path of the CPU kernels: (batch, in_ch, out_ch, (H, W), kernel,
 # stride, padding, dilation, groups). Rows are split into blocks of 2 vectors (8 to 32 columns
 # with float32, half that with float64) and batches into tiles of 4, with remainders; padded
-# scratch rows hold 64 KiB per thread, past which the kernels step over channels or samples.
+# scratch rows hold 128 KiB per thread, past which the kernels step over channels or samples.
 KERNEL_PATHS = {
     "one column": (3, 2, 2, (5, 1), 3, 1, 1, 1, 1),
     "tails of blocks and batch tiles": (5, 3, 3, (7, 37), 3, 1, 1, 1, 3),
@@ -225,11 +225,11 @@ KERNEL_PATHS = {
     "stride 3 columns": (2, 2, 2, (9, 40), 4, (1, 3), 1, 1, 1),
     "dilation 2 wider than the image": (1, 1, 1, (6, 9), 5, 1, 4, 2, 1),
     "padding beyond the kernel": (2, 2, 2, (4, 6), 3, 1, 3, 1, 2),
-    # 48 channels of 3 rows of at least 34 float64 per sample: input and output channels in steps.
-    "steps of channels": (2, 48, 48, (4, 30), (3, 2), 1, 1, 1, 1),
-    # 5 rows of about 212 float64 per sample: forward in steps of samples; backward_weight too, with
-    # 40 padded rows of 212.
-    "steps of samples": (40, 1, 1, (3, 200), 5, 1, 2, 1, 1),
+    # 48 channels of 3 rows of 113 float64 or more per sample: input and output channels in steps.
+    "steps of channels": (2, 48, 48, (2, 100), (3, 2), 1, 1, 1, 1),
+    # 5 rows of 212 float64 or more per sample: every kernel in steps of samples (backward_weight
+    # past 77 samples).
+    "steps of samples": (100, 1, 1, (3, 200), 5, 1, 2, 1, 1),
 }
 
 

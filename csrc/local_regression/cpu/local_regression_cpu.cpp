@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kMinTaskWork = 1 << 14;
 // A task's padded scratch rows fit in about this much of L2.
 template <typename T>
-constexpr int64_t kScratchElements = (64 << 10) / sizeof(T);
+constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));

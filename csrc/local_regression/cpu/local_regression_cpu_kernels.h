@@ -120,7 +120,7 @@ void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_
 
 // One task per (group, output row i). The input rows of a step of samples and channels are
 // padded once into scratch and serve every output channel of the group; the weight rows of
-// (o, i), read from memory once, serve kBatchTile samples per load from cache. Input row (n, c, u)
+// (o, i), read from memory once, serve kBatchTile samples per load from cache. Input row (n, c, r)
 // is kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so
 // tap v reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) /
 // stride_w. y holds the partial sums between steps of channels.
@@ -129,17 +129,24 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
-  const int64_t channel_len = g.kernel_h * phases * row_len;  // scratch of one (n, c)
+  // The rows a window spans, one slot each: slot r % slots holds input row r. When a task is one
+  // step, consecutive tasks of a group share all but the rows their windows do not overlap in,
+  // and those stay padded.
+  const int64_t slots = (g.kernel_h - 1) * g.dilation_h + 1;
+  const int64_t channel_len = slots * phases * row_len;  // scratch of one (n, c)
   int64_t n_step, c_step;
   scratch_steps<T>(channel_len, g.batch, g.in_per_group(), &n_step, &c_step);
+  const bool one_step = n_step >= g.batch && c_step >= g.in_per_group();
   const int64_t w_tap = g.out_plane();  // weight elements from tap to tap
   const int64_t y_sample = g.out_channels * g.out_plane();
   const int64_t work =
       g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
   at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> rows(n_step * c_step * channel_len);
+    std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
     std::vector<int64_t> w_off(c_step * g.kernel_h * g.kernel_w);
     std::vector<int64_t> x_off(w_off.size());
+    int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.out_height;
       const int64_t i = task % g.out_height;
@@ -150,25 +157,32 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
         for (int64_t c_begin = 0; c_begin == 0 || c_begin < g.in_per_group(); c_begin += c_step) {
           const int64_t c_count = std::min(g.in_per_group() - c_begin, c_step);
           const int64_t sample_len = c_count * channel_len;
+          if (!one_step || group != padded_group) std::fill(slot_row.begin(), slot_row.end(), -1);
+          padded_group = group;
           int64_t taps = 0;
-          for (int64_t c = 0; c < c_count; ++c) {
-            for (int64_t u = 0; u < g.kernel_h; ++u) {
-              const int64_t r = g.input_row(i, u);
-              if (r < 0 || r >= g.in_height) continue;
-              T* row = rows.data() + (c * g.kernel_h + u) * phases * row_len;
+          for (int64_t u = 0; u < g.kernel_h; ++u) {
+            const int64_t r = g.input_row(i, u);
+            if (r < 0 || r >= g.in_height) continue;
+            const int64_t slot = r % slots;
+            if (slot_row[slot] != r) {
+              slot_row[slot] = r;
               for (int64_t n = 0; n < n_count; ++n) {
-                const T* x_row =
-                    x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) * g.in_height + r) *
-                            g.in_width;
-                for (int64_t p = 0; p < phases; ++p) {
-                  padded_row(row + n * sample_len + p * row_len, x_row, g.in_width, p - g.pad_w,
-                             g.stride_w, row_len);
+                for (int64_t c = 0; c < c_count; ++c) {
+                  const T* x_row = x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) *
+                                            g.in_height + r) * g.in_width;
+                  T* row = rows.data() + n * sample_len + (c * slots + slot) * phases * row_len;
+                  for (int64_t p = 0; p < phases; ++p) {
+                    padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
+                               row_len);
+                  }
                 }
               }
+            }
+            for (int64_t c = 0; c < c_count; ++c) {
               for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
                 const int64_t m = v * g.dilation_w;
                 w_off[taps] = ((c * g.kernel_h + u) * g.kernel_w + v) * w_tap;
-                x_off[taps] = (row - rows.data()) + (m % phases) * row_len + m / phases;
+                x_off[taps] = ((c * slots + slot) * phases + m % phases) * row_len + m / phases;
               }
             }
           }
