@@ -1,5 +1,5 @@
-// Fused CPU kernels of the locally connected layer: no im2col buffer and no temporary larger
-// than a few padded rows per thread. The kernels (local_regression_cpu_kernels.h) are compiled
+// Fused CPU kernels of the locally connected layer: no im2col buffer; the only temporaries are
+// padded scratch rows, about kScratchElements per thread. The kernels (local_regression_cpu_kernels.h) are compiled
 // once per instruction set and the one that runs follows ATen's CPU capability
 // (common/cpu_isa.h). Each output element is written by exactly one task in a fixed order, which
 // makes the backward deterministic.
