@@ -1,7 +1,7 @@
 // Fused CPU kernels of the locally connected layer: no im2col buffer; the only temporaries are
-// padded scratch rows, about kScratchElements per thread. The kernels (local_regression_cpu_kernels.h) are compiled
-// once per instruction set and the one that runs follows ATen's CPU capability
-// (common/cpu_isa.h). Each output element is written by exactly one task in a fixed order, which
+// padded scratch rows, about kScratchElements per thread. The kernels
+// (local_regression_cpu_kernels.h) are compiled once per instruction set and the one that runs
+// follows ATen's CPU capability (common/cpu_isa.h). Each output element is written by exactly one task in a fixed order, which
 // makes the backward deterministic.
 // The lane helpers of cpu_lanes.h are forced inline into the kernels, so their vector values
 // never cross a call: the ABI note that GCC gives for them does not apply.
