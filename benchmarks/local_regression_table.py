@@ -6,13 +6,13 @@ memory copy timed in the same run and the peak extra memory of each forward+back
                                                 [--quick] [--json PATH]
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above what the inputs hold; on the CPU, the
-growth of the process's peak resident set (ru_maxrss) while one forward+backward runs in a fresh
-subprocess, so it counts every temporary, freed or not, to page granularity."""
+growth of the peak resident set (VmHWM) of a fresh subprocess while one forward+backward runs in
+it, so it counts every temporary, freed or not, to page granularity."""
 
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 
@@ -59,15 +59,26 @@ def peak_memory_cpu(impl, case_name, dtype):
     return int(out.stdout.strip())
 
 
+def peak_rss_bytes():
+    """This process's peak resident set. Not ru_maxrss: Linux carries that over from the parent
+    across fork and exec, so in a child of the table's large process it read the parent's peak
+    before and after the call, a growth of 0."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
 def measure_rss(impl, case_name, dtype):
     """Child process: prints the peak-RSS growth (bytes) of one forward+backward."""
     cases = {**CASES, **QUICK_CASES}
     fn = pass_fn(IMPLEMENTATIONS[impl], cases[case_name], "cpu", getattr(torch, dtype),
                  "forward+backward")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the peak to the current resident set (Linux >= 4.0), so that the growth counts from
+    # the call and not from the peak that building the inputs left.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = peak_rss_bytes()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)
+    print(peak_rss_bytes() - before)
 
 
 def main():

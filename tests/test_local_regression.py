@@ -2,7 +2,10 @@
 opcheck, torch.compile, bad inputs and the module's nn.Conv2d conventions."""
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,6 +194,78 @@ def test_backward_is_deterministic():
         assert torch.equal(first, second)
 
 
+def test_backward_is_bitwise_equal_across_thread_counts():
+    """Each output element is summed by one task in a fixed order, whatever the split."""
+    torch.manual_seed(0)
+    layer, x = random_layer_inputs(6, 4, 6, (19, 37), 3, padding=1, groups=2, dtype=torch.float32)
+    x.requires_grad_()
+    grad_output = torch.randn(6, 6, 19, 37)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            y = layer(x)
+            results.append((y, *torch.autograd.grad(y, (x, layer.weight, layer.bias), grad_output)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# Geometries that take each path of the CPU kernels: (batch, in_ch, out_ch, (H, W), kernel,
+# stride, padding, dilation, groups). Rows are split into blocks of 2 vectors (8 to 32 columns
+# with float32, half that with float64) and batches into tiles of 4, with remainders; padded
+# scratch rows hold 128 KiB per thread, past which the kernels step over channels or samples.
+KERNEL_PATHS = {
+    "one column": (3, 2, 2, (5, 1), 3, 1, 1, 1, 1),
+    "tails of blocks and batch tiles": (5, 3, 3, (7, 37), 3, 1, 1, 1, 3),
+    "stride 2 and dilation, odd width": (6, 2, 4, (11, 47), (3, 5), 2, (2, 3), (1, 2), 2),
+    "stride 3 columns": (2, 2, 2, (9, 40), 4, (1, 3), 1, 1, 1),
+    "dilation 2 wider than the image": (1, 1, 1, (6, 9), 5, 1, 4, 2, 1),
+    "padding beyond the kernel": (2, 2, 2, (4, 6), 3, 1, 3, 1, 2),
+    # 48 channels of 3 rows of 113 float64 or more per sample: input and output channels in steps.
+    "steps of channels": (2, 48, 48, (2, 100), (3, 2), 1, 1, 1, 1),
+    # 5 rows of 212 float64 or more per sample: every kernel in steps of samples (backward_weight
+    # past 77 samples).
+    "steps of samples": (100, 1, 1, (3, 200), 5, 1, 2, 1, 1),
+}
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernel_paths(path, dtype):
+    batch, in_ch, out_ch, size, kernel, stride, padding, dilation, groups = KERNEL_PATHS[path]
+    torch.manual_seed(0)
+    layer, x = random_layer_inputs(batch, in_ch, out_ch, size, kernel, stride, padding, dilation,
+                                   groups, dtype=dtype)
+    check_against_reference(layer, x, dtype)
+
+
+def test_cpu_instruction_set_paths_agree():
+    """Every CPU path (AVX-512, AVX2, baseline) the machine can run, each in a subprocess:
+    ATEN_CPU_CAPABILITY narrows the instruction set of torch's kernels and of ours alike."""
+    script = """
+import sys, torch
+sys.path.insert(0, 'tests')
+import test_local_regression as t
+for path in t.KERNEL_PATHS:
+    for dtype in (torch.float64, torch.float32):
+        t.test_cpu_kernel_paths(path, dtype)
+print(torch.ops.reggan_ext.ridge_cpu_isa())
+"""
+    runnable = {"AVX512": [("avx512", "avx512"), ("avx2", "avx2"), ("default", "baseline")],
+                "AVX2": [("avx2", "avx2"), ("default", "baseline")]}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for capability, isa in runnable.get(torch.backends.cpu.get_cpu_capability(),
+                                        [("default", "baseline")]):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+        assert out.split()[-1] == isa
+
+
 def test_nan_propagates():
     layer, x = random_layer_inputs(1, 3, 3, (8, 8), 3, padding=1, groups=3)
     x[0, 1, 4, 4] = math.nan
@@ -372,3 +447,17 @@ def test_shifted_reference_matches_unfold_reference(seed):
     args = (x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     torch.testing.assert_close(reference.local_regression_shifted(*args),
                                reference.local_regression(*args), **TOLERANCES[torch.float64])
+
+
+def test_table_measures_peak_memory_below_a_large_parent():
+    """The table measures each peak in a child process; a child's ru_maxrss starts at its
+    parent's, which once made every figure of a full run read 0."""
+    ballast = torch.ones(2**27)  # 512 MiB resident in this process, the child's parent
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "local_regression_table.py"),
+         "--measure-rss", "kernel", "N16 3->3 per-channel 128x128 k3"],
+        check=True, capture_output=True, text=True).stdout
+    del ballast
+    # At least the output and the three gradients (3 + 3 + 1.7 + 0.2 MiB) are new.
+    assert int(out) > 7 * 2**20

@@ -1,13 +1,24 @@
-// Fused CPU kernels of the locally connected layer: no im2col buffer and no temporary larger
-// than an output row. Every loop nest puts the contiguous output column j innermost, so that the
-// compiler vectorizes it for stride 1, and each output element is written by exactly one task in
-// a fixed order, which makes the backward deterministic.
+// Fused CPU kernels of the locally connected layer: no im2col buffer; the only temporaries are
+// padded scratch rows, about kScratchElements per thread. The kernels
+// (local_regression_cpu_kernels.h) are compiled once per instruction set and the one that runs
+// follows ATen's CPU capability (common/cpu_isa.h). Each output element is written by exactly one task in a fixed order, which
+// makes the backward deterministic.
+// The lane helpers of cpu_lanes.h are forced inline into the kernels, so their vector values
+// never cross a call: the ABI note that GCC gives for them does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
+#include "common/cpu_isa.h"
+#include "common/cpu_lanes.h"
 #include "local_regression/local_regression.h"
 
 namespace reggan_ext {
@@ -15,99 +26,86 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 14;
+// A task's padded scratch rows fit in about this much of L2.
+template <typename T>
+constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
 }
 
-// out[j] += weight[j] * in[j * stride + offset] for j in [begin, end).
-template <typename scalar_t>
-inline void multiply_accumulate(scalar_t* __restrict__ out, const scalar_t* __restrict__ weight,
-                                const scalar_t* __restrict__ in, int64_t stride, int64_t offset,
-                                int64_t begin, int64_t end) {
-  if (stride == 1) {
-    for (int64_t j = begin; j < end; ++j) out[j] += weight[j] * in[j + offset];
+// dst[t] = src[first + t * step] for t < count, and 0 where that index is outside [0, size): a
+// row of the zero-padded input, so that the vector loops that read it need no bounds checks.
+template <typename T>
+void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step, int64_t count) {
+  int64_t begin, end;
+  valid_output_range(first, step, size, count, &begin, &end);
+  std::fill(dst, dst + begin, T(0));
+  if (step == 1) {
+    std::memcpy(dst + begin, src + first + begin, (end - begin) * sizeof(T));
   } else {
-    for (int64_t j = begin; j < end; ++j) out[j] += weight[j] * in[j * stride + offset];
+    for (int64_t t = begin; t < end; ++t) dst[t] = src[first + t * step];
+  }
+  std::fill(dst + end, dst + count, T(0));
+}
+
+}  // namespace
+
+#ifdef REGGAN_X86_ISAS
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace local_regression_avx512 {
+constexpr int kVectorBytes = 64;
+constexpr int kVectors = 2;
+constexpr int kBatchTile = 4;  // 8 accumulators + 2 weights + 1 input of 32 registers
+constexpr int kTapTile = 4;
+#include "local_regression/cpu/local_regression_cpu_kernels.h"
+}  // namespace local_regression_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace local_regression_avx2 {
+constexpr int kVectorBytes = 32;
+constexpr int kVectors = 2;
+constexpr int kBatchTile = 4;  // 8 accumulators + 2 weights + 1 input of 16 registers
+constexpr int kTapTile = 4;
+#include "local_regression/cpu/local_regression_cpu_kernels.h"
+}  // namespace local_regression_avx2
+#pragma GCC pop_options
+#endif
+
+namespace local_regression_baseline {
+constexpr int kVectorBytes = 16;
+constexpr int kVectors = 2;
+constexpr int kBatchTile = 4;
+constexpr int kTapTile = 4;
+#include "local_regression/cpu/local_regression_cpu_kernels.h"
+}  // namespace local_regression_baseline
+
+namespace {
+
+// Calls fn with the Tag of the instruction set that runs.
+template <typename Fn>
+void with_cpu_isa(Fn&& fn) {
+  switch (cpu_isa()) {
+#ifdef REGGAN_X86_ISAS
+    case CpuIsa::kAvx512:
+      return fn(local_regression_avx512::Tag{});
+    case CpuIsa::kAvx2:
+      return fn(local_regression_avx2::Tag{});
+#endif
+    default:
+      return fn(local_regression_baseline::Tag{});
   }
 }
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y,
-                    const LocalGeometry& g) {
-  const int64_t taps = g.in_per_group() * g.kernel_h * g.kernel_w;
-  // One task per (o, i): the weight rows of an output row stay in cache across the batch.
-  at::parallel_for(0, g.out_channels * g.out_height, grain_for(g.batch * taps * g.out_width),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t o = task / g.out_height;
-      const int64_t i = task % g.out_height;
-      const int64_t c0 = g.first_input_channel(o);
-      for (int64_t n = 0; n < g.batch; ++n) {
-        scalar_t* __restrict__ y_row = y + ((n * g.out_channels + o) * g.out_height + i) * g.out_width;
-        if (bias != nullptr) {
-          std::copy_n(bias + (o * g.out_height + i) * g.out_width, g.out_width, y_row);
-        } else {
-          std::fill_n(y_row, g.out_width, scalar_t(0));
-        }
-        for (int64_t c = 0; c < g.in_per_group(); ++c) {
-          for (int64_t u = 0; u < g.kernel_h; ++u) {
-            const int64_t row = g.input_row(i, u);
-            if (row < 0 || row >= g.in_height) continue;
-            const scalar_t* x_row = x + ((n * g.in_channels + c0 + c) * g.in_height + row) * g.in_width;
-            for (int64_t v = 0; v < g.kernel_w; ++v) {
-              const int64_t offset = g.col_offset(v);
-              int64_t j0, j1;
-              valid_output_range(offset, g.stride_w, g.in_width, g.out_width, &j0, &j1);
-              multiply_accumulate(y_row, w + g.weight_row(o, c, u, v, i), x_row, g.stride_w,
-                                  offset, j0, j1);
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// grad_weight[o, c, u, v, i, j] = sum_n grad_y[n, o, i, j] * x[n, c0 + c, row(i, u), col(j, v)],
-// summed over n in order by the one task that owns the row.
-template <typename scalar_t>
-void backward_weight_kernel(const scalar_t* grad_y, const scalar_t* x, scalar_t* grad_w,
-                            const LocalGeometry& g) {
-  const int64_t taps = g.in_per_group() * g.kernel_h * g.kernel_w;
-  at::parallel_for(0, g.out_channels * g.out_height, grain_for(g.batch * taps * g.out_width),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t o = task / g.out_height;
-      const int64_t i = task % g.out_height;
-      const int64_t c0 = g.first_input_channel(o);
-      for (int64_t c = 0; c < g.in_per_group(); ++c) {
-        for (int64_t u = 0; u < g.kernel_h; ++u) {
-          const int64_t row = g.input_row(i, u);
-          for (int64_t v = 0; v < g.kernel_w; ++v) {
-            scalar_t* __restrict__ gw_row = grad_w + g.weight_row(o, c, u, v, i);
-            std::fill_n(gw_row, g.out_width, scalar_t(0));
-            if (row < 0 || row >= g.in_height) continue;
-            const int64_t offset = g.col_offset(v);
-            int64_t j0, j1;
-            valid_output_range(offset, g.stride_w, g.in_width, g.out_width, &j0, &j1);
-            for (int64_t n = 0; n < g.batch; ++n) {
-              const scalar_t* gy_row = grad_y + ((n * g.out_channels + o) * g.out_height + i) * g.out_width;
-              const scalar_t* x_row = x + ((n * g.in_channels + c0 + c) * g.in_height + row) * g.in_width;
-              multiply_accumulate(gw_row, gy_row, x_row, g.stride_w, offset, j0, j1);
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
+// backward_input for stride_w > 1, where the columns of an input row read different taps:
 // grad_x[n, ci, r, :] gathers weight * grad_y over every (o, u, v, i, j) that reads (ci, r).
 // One task owns an input row (ci, r) for the whole batch; within it, for fixed v distinct j
 // write distinct columns, so the scatter into the row is free of conflicts.
 template <typename scalar_t>
-void backward_input_kernel(const scalar_t* grad_y, const scalar_t* w, scalar_t* grad_x,
+void backward_input_strided(const scalar_t* grad_y, const scalar_t* w, scalar_t* grad_x,
                            const LocalGeometry& g) {
   const int64_t work = g.batch * g.out_per_group() * g.kernel_h * g.kernel_w * g.out_width;
   at::parallel_for(0, g.in_channels * g.in_height, grain_for(work), [&](int64_t begin, int64_t end) {
@@ -134,12 +132,8 @@ void backward_input_kernel(const scalar_t* grad_y, const scalar_t* w, scalar_t* 
                   grad_y + ((n * g.out_channels + o) * g.out_height + i) * g.out_width;
               scalar_t* __restrict__ gx_row =
                   grad_x + ((n * g.in_channels + ci) * g.in_height + r) * g.in_width;
-              if (g.stride_w == 1) {
-                for (int64_t j = j0; j < j1; ++j) gx_row[j + offset] += w_row[j] * gy_row[j];
-              } else {
-                for (int64_t j = j0; j < j1; ++j) {
-                  gx_row[j * g.stride_w + offset] += w_row[j] * gy_row[j];
-                }
+              for (int64_t j = j0; j < j1; ++j) {
+                gx_row[j * g.stride_w + offset] += w_row[j] * gy_row[j];
               }
             }
           }
@@ -166,9 +160,11 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor y = at::empty(output_shape(g), input.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "local_regression_cpu", [&] {
-    forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                             b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                             y.mutable_data_ptr<scalar_t>(), g);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    with_cpu_isa([&](auto isa) { forward(isa, xp, wp, bp, yp, g); });
   });
   return y;
 }
@@ -184,8 +180,11 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& w
   at::Tensor grad_x = at::empty(input_shape(g), grad_output.options());
   if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "local_regression_backward_input_cpu", [&] {
-    backward_input_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                    grad_x.mutable_data_ptr<scalar_t>(), g);
+    const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    if (g.stride_w != 1) return backward_input_strided(gyp, wp, gxp, g);
+    with_cpu_isa([&](auto isa) { backward_input(isa, gyp, wp, gxp, g); });
   });
   return grad_x;
 }
@@ -202,8 +201,10 @@ at::Tensor backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& 
   at::Tensor grad_w = at::empty(weight_shape(g), input.options());
   if (grad_w.numel() == 0) return grad_w;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "local_regression_backward_weight_cpu", [&] {
-    backward_weight_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                     grad_w.mutable_data_ptr<scalar_t>(), g);
+    const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* gwp = grad_w.mutable_data_ptr<scalar_t>();
+    with_cpu_isa([&](auto isa) { backward_weight(isa, gyp, xp, gwp, g); });
   });
   return grad_w;
 }

@@ -1,7 +1,5 @@
 // CPU kernels of the ridge ops. The kernels (ridge_cpu_kernels.h) are compiled once per
-// instruction set: AVX-512 and AVX2 on x86-64 with GCC, and the build's baseline everywhere. The
-// one that runs follows ATen's CPU capability, so ATEN_CPU_CAPABILITY=avx2|default selects a
-// narrower path as it does for torch's own kernels.
+// instruction set and the one that runs follows ATen's CPU capability (common/cpu_isa.h).
 // The solver templates of ridge_math.h are written for the default instruction set and forced
 // inline into the wider ones, so their vector values never cross a call: the ABI note that GCC
 // gives for them does not apply.
@@ -11,7 +9,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,12 +20,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "ridge/cpu/ridge_lanes.h"
+#include "common/cpu_isa.h"
+#include "common/cpu_lanes.h"
 #include "ridge/ridge.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define REGGAN_RIDGE_X86_ISAS 1
-#endif
 
 namespace reggan_ext {
 namespace {
@@ -44,7 +38,7 @@ constexpr size_t kPrefetchEntries = 4;
 
 }  // namespace
 
-#ifdef REGGAN_RIDGE_X86_ISAS
+#ifdef REGGAN_X86_ISAS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 namespace ridge_avx512 {
@@ -75,46 +69,14 @@ constexpr int kSolveParts = 4;
 
 namespace {
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#ifdef REGGAN_RIDGE_X86_ISAS
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw")) {
-      return Isa::kAvx512;
-    }
-    if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
-      return Isa::kAvx2;
-    }
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
-
-std::string cpu_isa_name() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "baseline";
-  }
-}
-
 // Calls fn with the Tag of the instruction set that runs.
 template <typename Fn>
 void with_cpu_isa(Fn&& fn) {
   switch (cpu_isa()) {
-#ifdef REGGAN_RIDGE_X86_ISAS
-    case Isa::kAvx512:
+#ifdef REGGAN_X86_ISAS
+    case CpuIsa::kAvx512:
       return fn(ridge_avx512::Tag{});
-    case Isa::kAvx2:
+    case CpuIsa::kAvx2:
       return fn(ridge_avx2::Tag{});
 #endif
     default:

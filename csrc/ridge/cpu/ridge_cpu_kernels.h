@@ -8,7 +8,7 @@
 struct Tag {};
 
 template <typename T>
-using Lanes = ridge_lanes::Lanes<T, kVectorBytes>;
+using Lanes = cpu_lanes::Lanes<T, kVectorBytes>;
 
 // How a row of the augmented design matrix reads a sample: lane l of sample n is
 // data[n * sample_stride + offset + l * step] for l in [begin, end), 0 elsewhere.
@@ -32,7 +32,7 @@ class VectorBuffer {
   ~VectorBuffer() { ::operator delete(data_, std::align_val_t(kVectorBytes)); }
   VectorBuffer(const VectorBuffer&) = delete;
   VectorBuffer& operator=(const VectorBuffer&) = delete;
-  REGGAN_RIDGE_INLINE void zero() {
+  REGGAN_CPU_INLINE void zero() {
     for (int64_t k = 0; k < size_; ++k) data_[k] = V{};
   }
   V* data() { return data_; }
@@ -256,7 +256,7 @@ template <typename acc_t, typename After>
 void for_each_factor(const acc_t* gram, const acc_t* lam, int32_t* info, int64_t groups,
                      int64_t d, int64_t pixels, bool penalize_last, int64_t after_work,
                      const After& after) {
-  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using L = cpu_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
   const int64_t packed = d * (d + 1) / 2;
@@ -297,7 +297,7 @@ void for_each_factor(const acc_t* gram, const acc_t* lam, int32_t* info, int64_t
 template <typename acc_t>
 void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* solution,
            int32_t* info, const SolveSizes& s, bool penalize_last) {
-  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using L = cpu_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
   using V = typename L::value;
   const int64_t d = s.unknowns, pixels = s.pixels();
   for_each_factor(gram, lam, info, s.groups, d, pixels, penalize_last,
@@ -316,7 +316,7 @@ void solve(Tag, const acc_t* gram, const acc_t* cross, const acc_t* lam, acc_t* 
 template <typename acc_t>
 void inverse_trace(Tag, const acc_t* gram, const acc_t* lam, acc_t* trace, int32_t* info,
                    const SolveSizes& s, bool penalize_last) {
-  using L = ridge_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
+  using L = cpu_lanes::WideLanes<acc_t, kVectorBytes, kSolveParts>;
   using V = typename L::value;
   const int64_t d = s.unknowns, pixels = s.pixels();
   const int64_t penalized = penalize_last ? d : d - 1;

@@ -1,7 +1,8 @@
-// Vectors of pixels for the CPU ridge kernels: GCC vector types with the lane operations that
-// the solver templates of ridge_math.h need. Like those templates, everything here is compiled
-// for the default instruction set and forced inline, so that it takes on the instruction set of
-// the kernel it lands in (ridge_cpu_kernels.h is compiled once per instruction set).
+// Vectors of pixels for the CPU kernels: GCC vector types with the lane operations that the
+// ridge solver templates of ridge_math.h and the local_regression kernels need. Everything here is
+// compiled for the default instruction set and forced inline, so that it takes on the
+// instruction set of the kernel it lands in (the kernel headers are compiled once per
+// instruction set, see cpu_isa.h).
 #pragma once
 
 #include <algorithm>
@@ -9,10 +10,10 @@
 #include <cstring>
 #include <type_traits>
 
-#define REGGAN_RIDGE_INLINE inline __attribute__((always_inline))
+#define REGGAN_CPU_INLINE inline __attribute__((always_inline))
 
 namespace reggan_ext {
-namespace ridge_lanes {
+namespace cpu_lanes {
 
 // A register of pixels, one lane each, with the lane operations ldlt_factor needs.
 template <typename T, int kVectorBytes>
@@ -23,20 +24,20 @@ struct Lanes {
   using flag = mask;
   static constexpr int64_t kWidth = kVectorBytes / sizeof(T);
 
-  REGGAN_RIDGE_INLINE static value splat(double s) { return value{} + T(s); }
-  REGGAN_RIDGE_INLINE static mask not_above(const value& d, const value& tol) { return ~(d > tol); }
-  REGGAN_RIDGE_INLINE static value select(const mask& m, const value& a, const value& b) {
+  REGGAN_CPU_INLINE static value splat(double s) { return value{} + T(s); }
+  REGGAN_CPU_INLINE static mask not_above(const value& d, const value& tol) { return ~(d > tol); }
+  REGGAN_CPU_INLINE static value select(const mask& m, const value& a, const value& b) {
     return (value)(((mask)a & m) | ((mask)b & ~m));
   }
-  REGGAN_RIDGE_INLINE static value max(const value& a, const value& b) {
+  REGGAN_CPU_INLINE static value max(const value& a, const value& b) {
     return select(a > b, a, b);
   }
-  REGGAN_RIDGE_INLINE static void mark(flag& info, const mask& m, int32_t k) {
+  REGGAN_CPU_INLINE static void mark(flag& info, const mask& m, int32_t k) {
     const mask first = m & (info == 0);
     info = (info & ~first) | (first & lane_int(k));
   }
   // The first n lanes from p, zeros after them.
-  REGGAN_RIDGE_INLINE static value load(const T* p, int64_t n) {
+  REGGAN_CPU_INLINE static value load(const T* p, int64_t n) {
     value v{};
     if (n == kWidth) {
       std::memcpy(&v, p, sizeof v);
@@ -47,7 +48,7 @@ struct Lanes {
   }
   // p[0], ..., p[kWidth - 1], converted.
   template <typename in_t>
-  REGGAN_RIDGE_INLINE static value convert(const in_t* p) {
+  REGGAN_CPU_INLINE static value convert(const in_t* p) {
     typedef in_t narrow __attribute__((vector_size(kWidth * sizeof(in_t))));
     narrow v;
     std::memcpy(&v, p, sizeof v);
@@ -55,14 +56,14 @@ struct Lanes {
   }
   // Lanes [begin, end) of p[offset + l * step], converted, and zeros elsewhere.
   template <typename in_t>
-  REGGAN_RIDGE_INLINE static value gather(const in_t* p, int64_t offset, int64_t step,
+  REGGAN_CPU_INLINE static value gather(const in_t* p, int64_t offset, int64_t step,
                                           int64_t begin, int64_t end) {
     if (begin == 0 && end == kWidth && step == 1) return convert(p + offset);
     value v{};
     for (int64_t l = begin; l < end; ++l) v[l] = T(p[offset + l * step]);
     return v;
   }
-  REGGAN_RIDGE_INLINE static void store(T* p, const value& v, int64_t n) {
+  REGGAN_CPU_INLINE static void store(T* p, const value& v, int64_t n) {
     if (n == kWidth) {
       std::memcpy(p, &v, sizeof v);
     } else {
@@ -77,31 +78,31 @@ struct Lanes {
 template <typename V, int kParts>
 struct Wide {
   V r[kParts];
-  REGGAN_RIDGE_INLINE Wide& operator+=(const Wide& o) {
+  REGGAN_CPU_INLINE Wide& operator+=(const Wide& o) {
     for (int i = 0; i < kParts; ++i) r[i] += o.r[i];
     return *this;
   }
-  REGGAN_RIDGE_INLINE Wide& operator-=(const Wide& o) {
+  REGGAN_CPU_INLINE Wide& operator-=(const Wide& o) {
     for (int i = 0; i < kParts; ++i) r[i] -= o.r[i];
     return *this;
   }
-  REGGAN_RIDGE_INLINE Wide& operator*=(const Wide& o) {
+  REGGAN_CPU_INLINE Wide& operator*=(const Wide& o) {
     for (int i = 0; i < kParts; ++i) r[i] *= o.r[i];
     return *this;
   }
-  REGGAN_RIDGE_INLINE friend Wide operator+(const Wide& a, const Wide& b) {
+  REGGAN_CPU_INLINE friend Wide operator+(const Wide& a, const Wide& b) {
     Wide c = a;
     return c += b;
   }
-  REGGAN_RIDGE_INLINE friend Wide operator-(const Wide& a, const Wide& b) {
+  REGGAN_CPU_INLINE friend Wide operator-(const Wide& a, const Wide& b) {
     Wide c = a;
     return c -= b;
   }
-  REGGAN_RIDGE_INLINE friend Wide operator*(const Wide& a, const Wide& b) {
+  REGGAN_CPU_INLINE friend Wide operator*(const Wide& a, const Wide& b) {
     Wide c = a;
     return c *= b;
   }
-  REGGAN_RIDGE_INLINE friend Wide operator/(const Wide& a, const Wide& b) {
+  REGGAN_CPU_INLINE friend Wide operator/(const Wide& a, const Wide& b) {
     Wide c = a;
     for (int i = 0; i < kParts; ++i) c.r[i] /= b.r[i];
     return c;
@@ -118,48 +119,48 @@ struct WideLanes {
   static constexpr int64_t kWidth = Narrow::kWidth * kParts;
   static constexpr int kChains = 1;  // the parts are the independent chains (see dot)
 
-  REGGAN_RIDGE_INLINE static value splat(double s) {
+  REGGAN_CPU_INLINE static value splat(double s) {
     value v;
     for (int i = 0; i < kParts; ++i) v.r[i] = Narrow::splat(s);
     return v;
   }
-  REGGAN_RIDGE_INLINE static mask not_above(const value& d, const value& tol) {
+  REGGAN_CPU_INLINE static mask not_above(const value& d, const value& tol) {
     mask m;
     for (int i = 0; i < kParts; ++i) m.r[i] = Narrow::not_above(d.r[i], tol.r[i]);
     return m;
   }
-  REGGAN_RIDGE_INLINE static value select(const mask& m, const value& a, const value& b) {
+  REGGAN_CPU_INLINE static value select(const mask& m, const value& a, const value& b) {
     value v;
     for (int i = 0; i < kParts; ++i) v.r[i] = Narrow::select(m.r[i], a.r[i], b.r[i]);
     return v;
   }
-  REGGAN_RIDGE_INLINE static value max(const value& a, const value& b) {
+  REGGAN_CPU_INLINE static value max(const value& a, const value& b) {
     value v;
     for (int i = 0; i < kParts; ++i) v.r[i] = Narrow::max(a.r[i], b.r[i]);
     return v;
   }
-  REGGAN_RIDGE_INLINE static void mark(flag& info, const mask& m, int32_t k) {
+  REGGAN_CPU_INLINE static void mark(flag& info, const mask& m, int32_t k) {
     for (int i = 0; i < kParts; ++i) Narrow::mark(info.r[i], m.r[i], k);
   }
-  REGGAN_RIDGE_INLINE static int32_t lane(const flag& info, int64_t l) {
+  REGGAN_CPU_INLINE static int32_t lane(const flag& info, int64_t l) {
     return int32_t(info.r[l / Narrow::kWidth][l % Narrow::kWidth]);
   }
-  REGGAN_RIDGE_INLINE static int64_t part_lanes(int64_t n, int i) {
+  REGGAN_CPU_INLINE static int64_t part_lanes(int64_t n, int i) {
     return std::clamp<int64_t>(n - i * Narrow::kWidth, 0, Narrow::kWidth);
   }
-  REGGAN_RIDGE_INLINE static value load(const T* p, int64_t n) {
+  REGGAN_CPU_INLINE static value load(const T* p, int64_t n) {
     value v;
     for (int i = 0; i < kParts; ++i) {
       v.r[i] = Narrow::load(p + i * Narrow::kWidth, part_lanes(n, i));
     }
     return v;
   }
-  REGGAN_RIDGE_INLINE static void store(T* p, const value& v, int64_t n) {
+  REGGAN_CPU_INLINE static void store(T* p, const value& v, int64_t n) {
     for (int i = 0; i < kParts; ++i) {
       Narrow::store(p + i * Narrow::kWidth, v.r[i], part_lanes(n, i));
     }
   }
 };
 
-}  // namespace ridge_lanes
+}  // namespace cpu_lanes
 }  // namespace reggan_ext

@@ -1,0 +1,392 @@
+// CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
+// includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
+// SIMD width in bytes), kVectors (registers per block of a row), kBatchTile (samples that share
+// each weight load) and kTapTile (weight-gradient rows accumulated side by side), after including
+// everything it uses. Hence no include guard and no includes.
+//
+// A task owns one row index of a group: the output rows (forward, weight gradient) or input rows
+// (input gradient) at that index of every channel of the group and every sample. The rows it
+// reads at shifted columns are first copied into zero-padded scratch rows (padded_row) that all
+// channels of the group share, so the vector loops need no bounds checks and any stride and
+// dilation reads contiguously. A block of an output row is accumulated in registers over all the
+// terms of a step and written once. Each output element is summed by one task in a fixed order,
+// so results do not depend on the number of threads.
+
+// Selects this instruction set's kernels through argument-dependent lookup.
+struct Tag {};
+
+// kVectors registers along a row.
+template <typename T>
+using Block = cpu_lanes::WideLanes<T, kVectorBytes, kVectors>;
+
+// Elements of a scratch row that whole blocks over `width` columns read, `extra` columns beyond
+// the block start included.
+template <typename T>
+int64_t scratch_row_length(int64_t width, int64_t extra) {
+  const int64_t lanes = Block<T>::kWidth;
+  return (width + lanes - 1) / lanes * lanes + extra;
+}
+
+// Splits `samples` x `channels` items of `item` scratch elements into steps that fit the
+// scratch: every sample and as many channels as fit, else one channel and as many whole batch
+// tiles of samples as fit.
+template <typename T>
+void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_step,
+                   int64_t* c_step) {
+  const int64_t fit = std::max<int64_t>(1, kScratchElements<T> / item);
+  if (fit >= samples) {
+    *n_step = std::max<int64_t>(1, samples);
+    *c_step = std::clamp<int64_t>(fit / *n_step, 1, std::max<int64_t>(1, channels));
+  } else {
+    *n_step = std::max<int64_t>(kBatchTile, fit / kBatchTile * kBatchTile);
+    *c_step = 1;
+  }
+}
+
+// Asks for row i + 1 of each weight row of a step, which the task of the next row index reads:
+// the weight rows of one task are too many short streams for the hardware prefetcher.
+template <typename T>
+void prefetch_next_rows(const T* base, const int64_t* offsets, int64_t count, int64_t width) {
+  for (int64_t t = 0; t < count; ++t) {
+    const char* row = reinterpret_cast<const char*>(base + offsets[t] + width);
+    for (int64_t byte = 0; byte < width * int64_t(sizeof(T)); byte += 64) {
+      __builtin_prefetch(row + byte, 0, 2);
+    }
+  }
+}
+
+// acc[n] += a[a_off[t] + jb + l] * b[n][b_off[t] + jb + l] for every tap t < taps and lane l of
+// the block. a is read for a_lanes lanes (zeros after them), so that a row of the caller's tensor
+// that ends inside the block is not read past its end; b holds scratch rows padded to whole
+// blocks. a_lanes is a constant for whole blocks once inlined.
+template <int kBatch, typename T>
+REGGAN_CPU_INLINE void accumulate_taps(typename Block<T>::value* acc, const T* a,
+                                       const int64_t* a_off, const T* const* b,
+                                       const int64_t* b_off, int64_t taps, int64_t jb,
+                                       int64_t a_lanes) {
+  using L = Block<T>;
+  for (int64_t t = 0; t < taps; ++t) {
+    const typename L::value av = L::load(a + a_off[t] + jb, a_lanes);
+#pragma GCC unroll 16
+    for (int n = 0; n < kBatch; ++n) acc[n] += av * L::load(b[n] + b_off[t] + jb, L::kWidth);
+  }
+}
+
+// Rows out[n][:width] for n < kBatch: the sums over the taps of a step, started from `start`
+// (a row shared by the samples, or zeros when null) on the first step and from out after it.
+template <int kBatch, typename T>
+void accumulate_rows(const T* a, const int64_t* a_off, const T* const* b, const int64_t* b_off,
+                     int64_t taps, int64_t width, int64_t a_width, const T* start, bool first,
+                     T* const* out) {
+  using L = Block<T>;
+  using V = typename L::value;
+  for (int64_t jb = 0; jb < width; jb += L::kWidth) {
+    const int64_t lanes = std::min<int64_t>(L::kWidth, width - jb);
+    V acc[kBatch];
+    const V init = first && start != nullptr ? L::load(start + jb, lanes) : V{};
+    for (int n = 0; n < kBatch; ++n) acc[n] = first ? init : L::load(out[n] + jb, lanes);
+    if (jb + L::kWidth <= a_width) {
+      accumulate_taps<kBatch>(acc, a, a_off, b, b_off, taps, jb, L::kWidth);
+    } else {
+      accumulate_taps<kBatch>(acc, a, a_off, b, b_off, taps, jb, a_width - jb);
+    }
+    for (int n = 0; n < kBatch; ++n) L::store(out[n] + jb, acc[n], lanes);
+  }
+}
+
+// accumulate_rows for `count` samples, kBatchTile at a time: sample n reads b + n * b_stride and
+// writes out + n * out_stride.
+template <typename T>
+void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
+                        const int64_t* b_off, int64_t taps, int64_t count, int64_t width,
+                        int64_t a_width, const T* start, bool first, T* out, int64_t out_stride) {
+  const T* b_rows[kBatchTile];
+  T* out_rows[kBatchTile];
+  int64_t n0 = 0;
+  for (; n0 + kBatchTile <= count; n0 += kBatchTile) {
+    for (int n = 0; n < kBatchTile; ++n) {
+      b_rows[n] = b + (n0 + n) * b_stride;
+      out_rows[n] = out + (n0 + n) * out_stride;
+    }
+    accumulate_rows<kBatchTile>(a, a_off, b_rows, b_off, taps, width, a_width, start, first,
+                                out_rows);
+  }
+  for (; n0 < count; ++n0) {
+    b_rows[0] = b + n0 * b_stride;
+    out_rows[0] = out + n0 * out_stride;
+    accumulate_rows<1>(a, a_off, b_rows, b_off, taps, width, a_width, start, first, out_rows);
+  }
+}
+
+// One task per (group, output row i). The input rows of a step of samples and channels are
+// padded once into scratch and serve every output channel of the group; the weight rows of
+// (o, i), read from memory once, serve kBatchTile samples per load from cache. Input row (n, c, r)
+// is kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so
+// tap v reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) /
+// stride_w. y holds the partial sums between steps of channels.
+template <typename T>
+void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeometry& g) {
+  const int64_t phases = g.stride_w;
+  const int64_t row_len =
+      scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
+  // The rows a window spans, one slot each: slot r % slots holds input row r. When a task is one
+  // step, consecutive tasks of a group share all but the rows their windows do not overlap in,
+  // and those stay padded.
+  const int64_t slots = (g.kernel_h - 1) * g.dilation_h + 1;
+  const int64_t channel_len = slots * phases * row_len;  // scratch of one (n, c)
+  int64_t n_step, c_step;
+  scratch_steps<T>(channel_len, g.batch, g.in_per_group(), &n_step, &c_step);
+  const bool one_step = n_step >= g.batch && c_step >= g.in_per_group();
+  const int64_t w_tap = g.out_plane();  // weight elements from tap to tap
+  const int64_t y_sample = g.out_channels * g.out_plane();
+  const int64_t work =
+      g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
+  at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(n_step * c_step * channel_len);
+    std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
+    std::vector<int64_t> w_off(c_step * g.kernel_h * g.kernel_w);
+    std::vector<int64_t> x_off(w_off.size());
+    int64_t padded_group = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / g.out_height;
+      const int64_t i = task % g.out_height;
+      const int64_t c0 = group * g.in_per_group();
+      for (int64_t n_begin = 0; n_begin < g.batch; n_begin += n_step) {
+        const int64_t n_count = std::min(g.batch - n_begin, n_step);
+        // At least one step, so that y is written when there are no input channels.
+        for (int64_t c_begin = 0; c_begin == 0 || c_begin < g.in_per_group(); c_begin += c_step) {
+          const int64_t c_count = std::min(g.in_per_group() - c_begin, c_step);
+          const int64_t sample_len = c_count * channel_len;
+          if (!one_step || group != padded_group) std::fill(slot_row.begin(), slot_row.end(), -1);
+          padded_group = group;
+          int64_t taps = 0;
+          for (int64_t u = 0; u < g.kernel_h; ++u) {
+            const int64_t r = g.input_row(i, u);
+            if (r < 0 || r >= g.in_height) continue;
+            const int64_t slot = r % slots;
+            if (slot_row[slot] != r) {
+              slot_row[slot] = r;
+              for (int64_t n = 0; n < n_count; ++n) {
+                for (int64_t c = 0; c < c_count; ++c) {
+                  const T* x_row = x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) *
+                                            g.in_height + r) * g.in_width;
+                  T* row = rows.data() + n * sample_len + (c * slots + slot) * phases * row_len;
+                  for (int64_t p = 0; p < phases; ++p) {
+                    padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
+                               row_len);
+                  }
+                }
+              }
+            }
+            for (int64_t c = 0; c < c_count; ++c) {
+              for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
+                const int64_t m = v * g.dilation_w;
+                w_off[taps] = ((c * g.kernel_h + u) * g.kernel_w + v) * w_tap;
+                x_off[taps] = ((c * slots + slot) * phases + m % phases) * row_len + m / phases;
+              }
+            }
+          }
+          for (int64_t o = group * g.out_per_group(); o < (group + 1) * g.out_per_group(); ++o) {
+            const T* w_base = w + g.weight_row(o, c_begin, 0, 0, i);
+            if (n_begin == 0 && i + 1 < g.out_height) {
+              prefetch_next_rows(w_base, w_off.data(), taps, g.out_width);
+            }
+            accumulate_samples(w_base, w_off.data(), rows.data(), sample_len, x_off.data(), taps,
+                               n_count, g.out_width, g.out_width,
+                               bias != nullptr ? bias + (o * g.out_height + i) * g.out_width
+                                               : nullptr,
+                               c_begin == 0,
+                               y + ((n_begin * g.out_channels + o) * g.out_height + i) *
+                                       g.out_width,
+                               y_sample);
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_x for stride_w == 1. One task per (group, input row r): column col gathers weight * grad_y
+// at output column j = col + pad_w - v * dilation_w over every (o, u, v). The grad_y rows of a
+// step of samples and output channels are padded once and serve every input channel of the
+// group; the weight rows of (o, c, u, v) are padded per input channel c. Zeros stand for j
+// outside [0, W_out), and both are read from t = col + pad_w + (kW - 1 - v) * dilation_w. grad_x
+// holds the partial sums between steps of output channels.
+template <typename T>
+void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeometry& g) {
+  const int64_t lead = (g.kernel_w - 1) * g.dilation_w;
+  const int64_t row_len = scratch_row_length<T>(g.in_width, g.pad_w + lead);
+  const int64_t channel_len = g.kernel_h * row_len;  // grad_y scratch of one (n, o)
+  int64_t n_step, o_step;
+  scratch_steps<T>(channel_len, g.batch, g.out_per_group(), &n_step, &o_step);
+  const int64_t gx_sample = g.in_channels * g.in_plane();
+  const int64_t work =
+      g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.in_width;
+  at::parallel_for(0, g.groups * g.in_height, grain_for(work), [&](int64_t begin, int64_t end) {
+    const int64_t max_taps = o_step * g.kernel_h * g.kernel_w;
+    std::vector<T> gy_rows(n_step * o_step * channel_len), w_rows(max_taps * row_len);
+    std::vector<int64_t> w_off(max_taps), gy_off(max_taps);
+    std::vector<const T*> w_src(max_taps);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / g.in_height;
+      const int64_t r = task % g.in_height;
+      const int64_t first_o = group * g.out_per_group();
+      for (int64_t n_begin = 0; n_begin < g.batch; n_begin += n_step) {
+        const int64_t n_count = std::min(g.batch - n_begin, n_step);
+        // At least one step, so that grad_x is written when the group has no output channels.
+        for (int64_t o_begin = 0; o_begin == 0 || o_begin < g.out_per_group(); o_begin += o_step) {
+          const int64_t o_count = std::min(g.out_per_group() - o_begin, o_step);
+          const int64_t sample_len = o_count * channel_len;
+          int64_t taps = 0;
+          for (int64_t o = 0; o < o_count; ++o) {
+            for (int64_t u = 0; u < g.kernel_h; ++u) {
+              const int64_t i =
+                  output_for_input(r, u, g.stride_h, g.pad_h, g.dilation_h, g.out_height);
+              if (i < 0) continue;
+              const int64_t row = (o * g.kernel_h + u) * row_len;
+              for (int64_t n = 0; n < n_count; ++n) {
+                padded_row(gy_rows.data() + n * sample_len + row,
+                           grad_y + (((n_begin + n) * g.out_channels + first_o + o_begin + o) *
+                                         g.out_height + i) * g.out_width,
+                           g.out_width, -lead, 1, row_len);
+              }
+              for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
+                const int64_t t = g.pad_w + (g.kernel_w - 1 - v) * g.dilation_w;
+                w_src[taps] = w + g.weight_row(first_o + o_begin + o, 0, u, v, i);
+                w_off[taps] = taps * row_len + t;
+                gy_off[taps] = row + t;
+              }
+            }
+          }
+          for (int64_t c = 0; c < g.in_per_group(); ++c) {
+            const int64_t w_channel = c * g.kernel_h * g.kernel_w * g.out_plane();
+            for (int64_t t = 0; t < taps; ++t) {
+              padded_row(w_rows.data() + t * row_len, w_src[t] + w_channel, g.out_width, -lead, 1,
+                         row_len);
+            }
+            const int64_t ci = group * g.in_per_group() + c;
+            accumulate_samples(w_rows.data(), w_off.data(), gy_rows.data(), sample_len,
+                               gy_off.data(), taps, n_count, g.in_width,
+                               scratch_row_length<T>(g.in_width, 0),
+                               static_cast<const T*>(nullptr), o_begin == 0,
+                               grad_x + ((n_begin * g.in_channels + ci) * g.in_height + r) *
+                                            g.in_width,
+                               gx_sample);
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_w[o, c, u, v0 + t, i, jb:] for t < kTaps, summed over `count` samples in order: sample n
+// reads grad_y at gy_row + n * gy_step and its padded input row of tap v at x_rows[n * kW + v].
+template <int kTaps, typename T>
+REGGAN_CPU_INLINE void weight_taps(const T* gy_row, int64_t gy_step, const T* const* x_rows,
+                                   int64_t kernel_w, int64_t v0, int64_t count, int64_t jb,
+                                   int64_t lanes, T* const* gw_rows, bool first) {
+  using L = Block<T>;
+  using V = typename L::value;
+  V acc[kTaps];
+#pragma GCC unroll 16
+  for (int t = 0; t < kTaps; ++t) acc[t] = first ? V{} : L::load(gw_rows[v0 + t] + jb, lanes);
+  for (int64_t n = 0; n < count; ++n) {
+    const V gy = L::load(gy_row + n * gy_step + jb, lanes);
+    const T* const* x = x_rows + n * kernel_w + v0;
+#pragma GCC unroll 16
+    for (int t = 0; t < kTaps; ++t) acc[t] += gy * L::load(x[t] + jb, L::kWidth);
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < kTaps; ++t) L::store(gw_rows[v0 + t] + jb, acc[t], lanes);
+}
+
+template <typename T>
+REGGAN_CPU_INLINE void weight_block(const T* gy_row, int64_t gy_step, const T* const* x_rows,
+                                    int64_t kernel_w, int64_t count, int64_t jb, int64_t lanes,
+                                    T* const* gw_rows, bool first) {
+  static_assert(kTapTile <= 4, "the remainder below covers at most 3 taps");
+  int64_t v0 = 0;
+  for (; v0 + kTapTile <= kernel_w; v0 += kTapTile) {
+    weight_taps<kTapTile>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows, first);
+  }
+  switch (kernel_w - v0) {
+    case 3:
+      return weight_taps<3>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
+                            first);
+    case 2:
+      return weight_taps<2>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
+                            first);
+    case 1:
+      return weight_taps<1>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
+                            first);
+  }
+}
+
+// grad_w[o, c, u, v, i, j] = sum_n grad_y[n, o, i, j] * x[n, c0 + c, row(i, u), col(j, v)]. One
+// task per (group, output row i). For each (c, u) the input rows of a step of samples are padded
+// once (laid out as in forward) and serve every output channel of the group; the samples are
+// summed in order, and grad_w holds the partial sums between steps.
+template <typename T>
+void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeometry& g) {
+  using L = Block<T>;
+  const int64_t phases = g.stride_w;
+  const int64_t row_len =
+      scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
+  int64_t n_step, unused;
+  scratch_steps<T>(phases * row_len, g.batch, 1, &n_step, &unused);
+  const int64_t gy_step = g.out_channels * g.out_plane();
+  const int64_t work =
+      g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
+  at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(n_step * phases * row_len);
+    std::vector<const T*> x_rows(n_step * g.kernel_w);
+    std::vector<T*> gw_rows(g.kernel_w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / g.out_height;
+      const int64_t i = task % g.out_height;
+      const int64_t c0 = group * g.in_per_group();
+      for (int64_t c = 0; c < g.in_per_group(); ++c) {
+        for (int64_t u = 0; u < g.kernel_h; ++u) {
+          const int64_t r = g.input_row(i, u);
+          const bool inside = r >= 0 && r < g.in_height;
+          // At least one step, so that grad_w is written when the batch is empty.
+          for (int64_t n_begin = 0; n_begin == 0 || n_begin < g.batch; n_begin += n_step) {
+            const int64_t count = inside ? std::min(g.batch - n_begin, n_step) : 0;
+            for (int64_t n = 0; n < count; ++n) {
+              const T* x_row =
+                  x + (((n_begin + n) * g.in_channels + c0 + c) * g.in_height + r) * g.in_width;
+              T* row = rows.data() + n * phases * row_len;
+              for (int64_t p = 0; p < phases; ++p) {
+                padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
+                           row_len);
+              }
+              for (int64_t v = 0; v < g.kernel_w; ++v) {
+                const int64_t m = v * g.dilation_w;
+                x_rows[n * g.kernel_w + v] = row + (m % phases) * row_len + m / phases;
+              }
+            }
+            for (int64_t o = group * g.out_per_group(); o < (group + 1) * g.out_per_group();
+                 ++o) {
+              for (int64_t v = 0; v < g.kernel_w; ++v) {
+                gw_rows[v] = grad_w + g.weight_row(o, c, u, v, i);
+              }
+              const T* gy = grad_y + ((n_begin * g.out_channels + o) * g.out_height + i) *
+                                         g.out_width;
+              for (int64_t jb = 0; jb < g.out_width; jb += L::kWidth) {
+                const int64_t lanes = std::min<int64_t>(L::kWidth, g.out_width - jb);
+                if (lanes == L::kWidth) {
+                  weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, L::kWidth,
+                               gw_rows.data(), n_begin == 0);
+                } else {
+                  weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, lanes,
+                               gw_rows.data(), n_begin == 0);
+                }
+              }
+            }
+            if (!inside) break;
+          }
+        }
+      }
+    }
+  });
+}
