@@ -149,7 +149,7 @@ def test_ddp_two_processes_match_one(tmp_path, trained, cache):
 
 @pytest.mark.parametrize("command, words", [
     ([], ["demo", "prepare", "fit", "train", "synthesize", "evaluate"]),
-    (["demo"], ["--out", "--overwrite", "train.steps", "builtin"]),
+    (["demo"], ["--out", "--overwrite", "train.steps", "builtin", "--refinement-run"]),
     (["prepare"], ["--detector", "opencv", "skimage", "--size"]),
     (["fit"], ["fit.select", "gcv", "fit.lam = 0.4", "manifest"]),
     (["train"], ["--resume", "--stage1", "torchrun", "train.amp"]),
@@ -390,14 +390,17 @@ def test_opencv_detector_finds_the_astronaut_and_her_eyes():
 
 def test_demo_smoke(tmp_path):
     overrides = [a for o in TINY for a in ("-o", o)]
+    # One held-out identity keeps the evaluation's dlib descriptors few.
     assert cli("demo", "--out", tmp_path / "demo", "--quiet", "--detector", "skimage",
-               *overrides) == 0
+               "--refinement-run", *overrides, "-o", "data.builtin_test_identities=1") == 0
     out = tmp_path / "demo"
     report = (out / "report.md").read_text()
     assert "![demo grid](demo_grid.png)" in report
-    assert "| metric | input (unchanged) | regression-only | RegGAN |" in report
-    assert "| ECS (builtin) ↑ |" in report and "Not compared: **refinement-only**" in report
+    assert ("| metric | input (unchanged) | regression-only | refinement-only | RegGAN | "
+            "target (real) |") in report
+    assert "| ECS (builtin) ↑ |" in report and "| refinement-only ablation training |" in report
     assert (out / "evaluation" / "grid_heldout.png").exists()
+    assert (out / "run-refinement" / "model.safetensors").exists()
     grid = np.asarray(Image.open(out / "demo_grid.png"))
     assert grid.shape[1] == 7 * (32 + 2)  # input + six expressions
     assert (out / "samples" / "astronaut_happy.png").exists()

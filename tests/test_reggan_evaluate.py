@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from reggan import classifier as classifiers
-from reggan.evaluate import INPUT, METRICS, REFINEMENT, REGGAN, REGRESSION, evaluate
+from reggan.evaluate import INPUT, METRICS, REFINEMENT, REGGAN, REGRESSION, TARGET, evaluate
 from reggan.train import run
 from test_reggan_app import TINY, assert_one_line_error, cache, cli, tiny, write_faces  # noqa: F401
 
@@ -47,7 +47,7 @@ def test_report_compares_a_run_and_its_ablations(runs, tmp_path, capsys):
                "--out", out, "--max-subjects", 1) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
-    assert list(report["models"]) == [INPUT, REGRESSION, REFINEMENT, REGGAN]
+    assert list(report["models"]) == [INPUT, REGRESSION, REFINEMENT, REGGAN, TARGET]
     assert all(m["available"] for m in report["models"].values())
     assert "stage 1 of" in report["models"][REGRESSION]["description"]
     assert list(report["metrics"]) == list(METRICS)
@@ -70,9 +70,14 @@ def test_report_compares_a_run_and_its_ablations(runs, tmp_path, capsys):
         assert set(results[REGGAN]["fss"]["details"]["per_expression"]) == set(TARGETS)
     # Four different images per case (the tiny models are too small to rank; the derived
     # column is checked against a fitted run below).
-    assert len({results[m]["l1"]["value"] for m in results}) == 4
+    assert len({results[m]["l1"]["value"] for m in (INPUT, REGRESSION, REFINEMENT, REGGAN)}) == 4
+    # The real targets are the reference: ECS of real expressions, no distance to themselves.
+    assert results[TARGET]["ecs_builtin"]["available"]
+    assert "reference" in results[TARGET]["l1"]["reason"]
+    assert "reference" in results[TARGET]["fd_expr_builtin"]["reason"]
     table = (out / "metrics.md").read_text()
-    assert "| metric | input (unchanged) | regression-only | refinement-only | RegGAN |" in table
+    assert ("| metric | input (unchanged) | regression-only | refinement-only | RegGAN | "
+            "target (real) |") in table
     assert "| FID ↓ | n/a [" in table and "| ECS (builtin) ↑ |" in table
     assert "## ood/sketch" in table and table.split("# reggan evaluate\n\n")[1] == printed
     grid = np.asarray(Image.open(out / "grid_ood_sketch.png"))
@@ -94,7 +99,7 @@ def test_derived_regression_is_the_fitted_regression_and_absences_have_reasons(r
     assert not absent["available"] and "reggan train --mode refinement" in absent["reason"]
     assert REFINEMENT not in derived["splits"]["heldout"]["results"]
     table = (tmp_path / "a" / "metrics.md").read_text()
-    assert "| metric | input (unchanged) | regression-only | RegGAN |" in table
+    assert "| metric | input (unchanged) | regression-only | RegGAN | target (real) |" in table
     assert "Not compared: **refinement-only**" in table
     grid = np.asarray(Image.open(tmp_path / "a" / "grid_heldout.png"))
     assert grid.shape[1] == 5 * (32 + 2)  # the absent column is left blank
@@ -131,6 +136,7 @@ def test_unpaired_faces(runs, tmp_path, capsys):
     assert results["ecs_builtin"]["available"]
     for name in ("l1", "fd_expr_builtin"):
         assert "unpaired faces (--faces) do not have" in results[name]["reason"]
+    assert TARGET not in faces["results"]
     assert (tmp_path / "eval" / "grid_faces.png").exists()
 
 

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--detector", default="auto", choices=("auto", "opencv", "skimage"),
                    help="face detector for the astronaut photo (default: auto)")
+    p.add_argument("--refinement-run", action="store_true",
+                   help="also train the refinement-only ablation (model.mode=refinement, same "
+                        "settings) so that the evaluation compares all three models; about "
+                        "doubles the training time")
     _common(p, strict=False)
 
     p = commands.add_parser(
@@ -277,7 +281,7 @@ def dispatch(args) -> None:
         if args.device is not None:
             overrides.append(f"train.device={args.device}")
         demo(Path(args.out), overrides, args.config, args.overwrite, args.detector,
-             progress=not args.quiet)
+             progress=not args.quiet, refinement_run=args.refinement_run)
     elif args.command == "prepare":
         from reggan.io import staged_output
         from reggan.prepare import prepare_folder

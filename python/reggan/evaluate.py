@@ -38,7 +38,7 @@ from reggan.data import PairedFaces, Problems, load_paired, read_images
 from reggan.datasets import evaluation_splits, training_splits
 from reggan.errors import RegganError
 from reggan.io import staged_output, to_uint8, write_text_atomic
-from reggan.metrics import MetricResult, MetricUnavailable, measure
+from reggan.metrics import ExpressionClassifier, MetricResult, MetricUnavailable, measure
 from reggan.metrics.expression import score_prediction
 from reggan.metrics.faces import default_detector
 from reggan.metrics.frechet import frechet_result, inception_features
@@ -52,8 +52,8 @@ from reggan.viz import save_grid
 
 log = logging.getLogger("reggan")
 
-INPUT, REGRESSION, REFINEMENT, REGGAN = ("input (unchanged)", "regression-only",
-                                         "refinement-only", "RegGAN")
+INPUT, REGRESSION, REFINEMENT, REGGAN, TARGET = (
+    "input (unchanged)", "regression-only", "refinement-only", "RegGAN", "target (real)")
 MODE_COLUMNS = {"regression": REGRESSION, "refinement": REFINEMENT, "reggan": REGGAN}
 
 # name: (label, higher is better, what it measures)
@@ -101,17 +101,19 @@ class Column:
         return {"available": True, "description": self.description}
 
 
-def resolve_columns(model_paths: Sequence[Path], device) -> Tuple[List[Column], Config]:
-    """The comparison's columns from the runs given, and the config whose data they share."""
+def resolve_columns(model_paths: Sequence[Path], device,
+                    run_labels: Optional[Sequence[str]] = None) -> Tuple[List[Column], Config]:
+    """The comparison's columns from the runs given (named `run_labels` in the report, else
+    by their paths), and the config whose data they share."""
     runs: Dict[str, tuple] = {}
-    for path in model_paths:
+    for path, label in zip(model_paths, run_labels or model_paths):
         model, config = load_model(path, device)
         mode = config.model.mode
         if mode in runs:
             raise RegganError(f"--model: {runs[mode][0]} and {path} are both model.mode={mode} "
                               f"runs; give at most one run per mode (regression, refinement, "
                               f"reggan)")
-        runs[mode] = (Path(path), model, config)
+        runs[mode] = (label, model, config)
     first_path, _, base = next(iter(runs.values()))
     for path, _, config in runs.values():
         changed = configs.differences(base.to_dict(), config.to_dict(), ("data.",),
@@ -143,6 +145,9 @@ def resolve_columns(model_paths: Sequence[Path], device) -> Tuple[List[Column], 
             columns.append(Column(name, reason=(
                 f"no model.mode={mode} run was given; make one with `{command} --out RUN` (same "
                 f"data and settings) and pass it with --model")))
+    columns.append(Column(TARGET, "the real target face (paired data only), the reference of "
+                                  "ECS and FSS: what the classifiers and dlib make of real "
+                                  "expressions"))
     return columns, (runs["reggan"] if "reggan" in runs else runs[next(iter(runs))])[2]
 
 
@@ -275,8 +280,6 @@ def _take(value, rows: np.ndarray):
 
 
 def _fer(device):
-    from reggan.metrics import ExpressionClassifier
-
     return ExpressionClassifier.from_fer().to(device)
 
 
@@ -309,12 +312,16 @@ class SplitScorer:
                        if bool((cases.index == k).any())}
 
     def images(self, key: str) -> torch.Tensor:
-        if key == "target":
-            if self.cases.targets is None:
-                raise MetricUnavailable("needs the real target faces, which unpaired faces "
-                                        "(--faces) do not have")
-            return self.cases.targets.float().div(255)
+        if key not in self.outputs:  # only the targets can be missing
+            raise MetricUnavailable("needs the real target faces, which unpaired faces "
+                                    "(--faces) do not have")
         return self.outputs[key]
+
+    def against_targets(self, column: str) -> torch.Tensor:
+        """The real targets, which `column`'s outputs are compared with."""
+        if column == TARGET:
+            raise MetricUnavailable("the real targets are this metric's reference")
+        return self.images(TARGET)
 
     def _cached(self, kind: str, key: str, compute: Callable):
         if (kind, key) not in self.cache:
@@ -363,9 +370,10 @@ class SplitScorer:
 
     def _frechet(self, metric: str, column: str, features: Callable, extractor: str):
         """The Frechet distance between the features of `column`'s outputs and of the targets."""
+        self.against_targets(column)
         if len(self.cases.index) < 2:
             raise MetricUnavailable("a Frechet distance needs at least 2 faces; this split has 1")
-        return frechet_result(metric, features(column), features("target"), extractor)
+        return frechet_result(metric, features(column), features(TARGET), extractor)
 
     def _fd(self, metric: str, column: str) -> MetricResult:
         if metric == "fd_face":
@@ -386,7 +394,7 @@ class SplitScorer:
         return qualiclip(self.outputs[column], self.device)
 
     def _paired(self, metric: str, column: str) -> MetricResult:
-        scores = PAIRED[metric]().per_image(self.outputs[column], self.images("target"))
+        scores = PAIRED[metric]().per_image(self.outputs[column], self.against_targets(column))
         scores = scores.double().cpu().numpy()
         per_expression = {e: float(scores[rows].mean()) for e, rows in self.groups.items()}
         return MetricResult(metric, float(scores.mean()), {"n": len(scores),
@@ -398,21 +406,28 @@ class SplitScorer:
 @torch.no_grad()
 def run_models(columns: Sequence[Column], cases: Cases, batch_size: int,
                device) -> Dict[str, torch.Tensor]:
-    """Every available column's outputs, float (N, 3, S, S) in [0, 1] on the CPU; a model that
-    fills two columns (RegGAN and its stage 1) runs once."""
+    """Every available column's images, float (N, 3, S, S) in [0, 1] on the CPU (the real
+    targets too, for paired data); a model that fills two columns (RegGAN and its stage 1) runs
+    once."""
     sources = cases.faces[cases.source_of].float().div(255)
-    outputs = {INPUT: sources}
-    models = {id(c.model): c.model for c in columns if c.model is not None}
-    for key, model in models.items():
-        parts = []
-        for start in range(0, len(sources), batch_size):
-            x = sources[start:start + batch_size].to(device)
-            stages = model(x, cases.index[start:start + batch_size].to(device))
-            parts.append([s.float().clamp(0, 1).cpu() for s in stages])
-        stages = [torch.cat(p) for p in zip(*parts)]
-        for column in columns:
-            if column.model is not None and id(column.model) == key:
-                outputs[column.name] = stages[column.output]
+    stages_of = {}
+    for column in columns:
+        if column.model is not None and id(column.model) not in stages_of:
+            parts = []
+            for start in range(0, len(sources), batch_size):
+                x = sources[start:start + batch_size].to(device)
+                stages = column.model(x, cases.index[start:start + batch_size].to(device))
+                parts.append([s.float().clamp(0, 1).cpu() for s in stages])
+            stages_of[id(column.model)] = [torch.cat(p) for p in zip(*parts)]
+    images = {INPUT: sources}
+    if cases.targets is not None:
+        images[TARGET] = cases.targets.float().div(255)
+    outputs = {}
+    for column in columns:  # in the columns' order, which the tables follow
+        if column.model is not None:
+            outputs[column.name] = stages_of[id(column.model)][column.output]
+        elif column.name in images:
+            outputs[column.name] = images[column.name]
     return outputs
 
 
@@ -422,14 +437,12 @@ def write_grid(path: Path, columns: Sequence[Column], cases: Cases,
     without images (an absent model, or no target) is left blank."""
     rows = cases.preview
     blank = np.full(to_uint8(outputs[INPUT][rows]).shape, 235, np.uint8)
-    images, titles = [to_uint8(outputs[INPUT][rows])], ["input"]
-    for column in columns[1:]:
+    images, titles = [], []
+    for column in columns:
         absent = column.name not in outputs
         images.append(blank if absent else to_uint8(outputs[column.name][rows]))
-        titles.append(f"{column.name} (absent)" if absent else column.name)
-    paired = cases.targets is not None
-    images.append(to_uint8(cases.targets[rows].float().div(255)) if paired else blank)
-    titles.append("target" if paired else "target (none)")
+        title = {INPUT: "input", TARGET: "target"}.get(column.name, column.name)
+        titles.append(f"{title} (absent)" if absent else title)
     save_grid(path, images, titles, [cases.target_names[i] for i in rows.tolist()])
 
 
@@ -448,10 +461,10 @@ def _cell(result: Dict, footnotes: Dict[str, int]) -> str:
 def markdown(report: Dict, heading: str = "##") -> str:
     """A table per split (rows: metrics with their direction; columns: the models given), the
     absent models and the reasons of unavailable metrics as notes."""
-    models = [name for name, info in report["models"].items() if info["available"]]
     footnotes: Dict[str, int] = {}
     lines = []
     for split, scored in report["splits"].items():
+        models = list(scored["results"])
         lines += [f"{heading} {split} ({scored['subjects']} subjects, {scored['cases']} faces "
                   f"to synthesize)", "", "| metric | " + " | ".join(models) + " |",
                   "|---|" + "---|" * len(models)]
@@ -507,12 +520,14 @@ def evaluate_into(scratch: Path, model_paths: Sequence[Path], data: Optional[str
                   device="auto", strict: bool = False, max_subjects: Optional[int] = None,
                   faces: Optional[Path] = None, expression_classifier: Optional[Path] = None,
                   inception_weights: Optional[Path] = None,
-                  recipe: ClassifierRecipe = ClassifierRecipe()) -> Dict:
+                  recipe: ClassifierRecipe = ClassifierRecipe(),
+                  run_labels: Optional[Sequence[str]] = None) -> Dict:
     """evaluate(), writing into an existing folder (the demo's); with `max_subjects`, on the
-    first subjects (or faces) of each split only. Returns what metrics.json holds."""
+    first subjects (or faces) of each split only; `run_labels` name the runs in the report
+    (default: their paths). Returns what metrics.json holds."""
     check_metrics(metrics)
     device = resolve_device(device) if isinstance(device, str) else device
-    columns, config = resolve_columns(model_paths, device)
+    columns, config = resolve_columns(model_paths, device, run_labels)
     extractors = Extractors(config, device, recipe, expression_classifier, inception_weights)
     report = {"models": {c.name: c.to_dict() for c in columns},
               "metrics": {m: {"label": METRICS[m][0], "higher_is_better": METRICS[m][1],
@@ -523,8 +538,8 @@ def evaluate_into(scratch: Path, model_paths: Sequence[Path], data: Optional[str
         log.info("scoring %s: %d faces to synthesize", split, len(cases.index))
         outputs = run_models(columns, cases, batch_size, device)
         scorer = SplitScorer(cases, outputs, extractors, device)
-        results = {c.name: {m: scorer.score(m, c.name).to_dict() for m in metrics}
-                   for c in columns if c.name in outputs}
+        results = {name: {m: scorer.score(m, name).to_dict() for m in metrics}
+                   for name in outputs}
         report["splits"][split] = {"subjects": cases.subjects, "cases": len(cases.index),
                                    "paired": cases.targets is not None, "results": results}
         write_grid(scratch / f"grid_{split.replace('/', '_')}.png", columns, cases, outputs)
