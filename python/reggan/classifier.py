@@ -35,7 +35,8 @@ def cached_path(config: Config, recipe: ClassifierRecipe) -> Path:
     spec = builtin_spec(config)
     blob = json.dumps({"data": spec.key(), "expressions": list(config.data.expressions),
                        "recipe": asdict(recipe)}, sort_keys=True).encode()
-    return cache_root() / "expression-classifiers" / f"{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
+    name = hashlib.sha256(blob).hexdigest()[:16]
+    return cache_root() / "expression-classifiers" / f"{name}.safetensors"
 
 
 def builtin_classifier(config: Config, recipe: ClassifierRecipe = ClassifierRecipe(),

@@ -119,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render (first time only) the built-in paired faces, fit the regression in "
                     "closed form, train the refinement briefly, synthesize every expression for "
                     "held-out and out-of-distribution faces and scikit-image's astronaut photo, "
-                    "and write demo_grid.png, samples/, evaluation/, run/ and report.md into the "
-                    "output folder. Sized for about 5 minutes on an idle 2-core CPU with the demo's defaults "
-                    "(model.gen_width=16, train.steps=300, otherwise the config defaults "
-                    "below); overrides train longer or change the model.")
+                    "run the short version of `reggan evaluate` (every metric, 5 subjects per "
+                    "split), and write demo_grid.png, samples/, evaluation/, run/ and report.md "
+                    "into the output folder. Sized for about 6 minutes on an idle 2-core CPU "
+                    "with the demo's defaults (model.gen_width=16, train.steps=300, otherwise "
+                    "the config defaults below); overrides train longer or change the model.")
     p.add_argument("--out", default="reggan-demo", metavar="DIR",
                    help="output folder (default: reggan-demo)")
     p.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON config file")

@@ -47,7 +47,7 @@ from reggan.metrics.paired import REGISTRY as PAIRED
 from reggan.metrics.quality import qualiclip
 from reggan.runtime import resolve_device
 from reggan.synthesize import list_images
-from reggan.train import describe_changes, load_model, preview_pairs
+from reggan.train import PREVIEW_ROWS, describe_changes, load_model, preview_pairs
 from reggan.viz import save_grid
 
 log = logging.getLogger("reggan")
@@ -157,7 +157,6 @@ class Cases:
     uint8 (F, 3, S, S), serves several cases), each with a target expression (`index` into
     `expressions`) and, for paired data, the real target face (uint8 (N, 3, S, S))."""
 
-    name: str
     faces: torch.Tensor
     source_of: torch.Tensor
     index: torch.Tensor
@@ -168,7 +167,7 @@ class Cases:
     @classmethod
     def from_pairs(cls, pairs: PairedFaces) -> "Cases":
         sources, source_of = torch.unique(pairs.pairs[:, 0], return_inverse=True)
-        return cls(pairs.name, pairs.images[sources], source_of, pairs.pairs[:, 2],
+        return cls(pairs.images[sources], source_of, pairs.pairs[:, 2],
                    list(pairs.targets), pairs.images[pairs.pairs[:, 1]], preview_pairs(pairs))
 
     @classmethod
@@ -183,8 +182,8 @@ class Cases:
         faces = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         expressions = config.targets()
         count = len(expressions)
-        rows = torch.arange(min(len(images), 6))
-        return cls("faces", faces, torch.arange(len(images)).repeat_interleave(count),
+        rows = torch.arange(min(len(images), PREVIEW_ROWS))  # cycling through the expressions
+        return cls(faces, torch.arange(len(images)).repeat_interleave(count),
                    torch.arange(count).repeat(len(images)), expressions, None,
                    rows * count + rows % count)
 
@@ -483,7 +482,7 @@ def markdown(report: Dict, heading: str = "##") -> str:
                   "det: the fraction of faces dlib detected (the others are taken whole). "
                   "Per-expression values are in metrics.json."]
     if footnotes:
-        lines += ["", "Unavailable:"] + [f"[{n}] {reason}" for reason, n in footnotes.items()]
+        lines += ["", "Unavailable:", ""] + [f"- [{n}] {reason}" for reason, n in footnotes.items()]
     return "\n".join(lines) + "\n"
 
 
