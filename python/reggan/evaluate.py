@@ -2,8 +2,9 @@
 out-of-distribution faces (or a user's paired dataset, or an unpaired folder of faces).
 
 Columns: the input unchanged (a reference: the floor of ECS, the ceiling of FSS), then
-regression-only, refinement-only and RegGAN. Each --model run fills the column of its
-model.mode. Without a regression-only run, that column is the RegGAN run's stage 1: fitted in
+regression-only, refinement-only and RegGAN, then the real target (paired data; the reference
+of what the classifiers and dlib make of real expressions). Each --model run fills the column
+of its model.mode. Without a regression-only run, that column is the RegGAN run's stage 1: fitted in
 closed form and left alone by stage 2, it is exactly the model `reggan fit` makes with the same
 config (unless the run fine-tuned it jointly, stage 3). Without a refinement-only run (it needs
 its own training), that column is absent, with the reason.
@@ -499,7 +500,6 @@ def evaluate(model_paths: Sequence[Path], out_dir: Path, data: Optional[str] = N
              max_subjects: Optional[int] = None, faces: Optional[Path] = None,
              expression_classifier: Optional[Path] = None,
              inception_weights: Optional[Path] = None) -> Dict:
-    check_metrics(metrics)
     if batch_size < 1:
         raise RegganError(f"--batch-size must be >= 1, got {batch_size}")
     if max_subjects is not None and max_subjects < 1:
