@@ -123,6 +123,24 @@ def test_expression_classifier_is_cached_and_can_be_given(runs, tmp_path, cache)
     assert given["splits"] == first["splits"]
 
 
+def test_a_missing_package_leaves_the_other_metrics_running(runs, tmp_path, monkeypatch):
+    from reggan import evaluate as evaluation
+    from reggan.metrics import MetricUnavailable
+
+    def no_fer(device):
+        raise MetricUnavailable("the FER2013 expression classifier needs fer, not installed")
+
+    monkeypatch.setattr(evaluation, "_fer", no_fer)
+    report = evaluate([runs / "reggan"], tmp_path / "e", metrics=["ecs_fer", "fd_expr_fer", "l1"],
+                      max_subjects=1)
+    check_results(report)
+    results = report["splits"]["ood/sketch"]["results"][REGGAN]
+    for name in ("ecs_fer", "fd_expr_fer"):
+        assert results[name]["reason"] == "the FER2013 expression classifier needs fer, not installed"
+    assert results["l1"]["available"]
+    assert "n/a [1]" in (tmp_path / "e" / "metrics.md").read_text()
+
+
 def test_unpaired_faces(runs, tmp_path, capsys):
     write_faces(tmp_path / "faces", count=2)
     assert cli("evaluate", "--model", runs / "reggan", "--faces", tmp_path / "faces", "--out",
