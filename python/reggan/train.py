@@ -84,7 +84,7 @@ def load_model(path, device="cpu", config: Optional[Config] = None,
         changed = configs.differences(saved.to_dict(), config.to_dict(), keys)
         if changed:
             raise RegganError(f"checkpoint {file} was made with another config: "
-                              f"{_describe_changes(changed, saved, config)}")
+                              f"{describe_changes(changed, saved, config)}")
     model = build_model(saved)
     try:
         model.load_state_dict(prefixed(tensors, "model."))
@@ -94,7 +94,7 @@ def load_model(path, device="cpu", config: Optional[Config] = None,
     return model.to(device).eval(), saved
 
 
-def _describe_changes(keys, saved: Config, current: Config) -> str:
+def describe_changes(keys, saved: Config, current: Config) -> str:
     a, b = configs.flatten(saved.to_dict()), configs.flatten(current.to_dict())
     return "; ".join(f"{k} is {json.dumps(a.get(k))} there, {json.dumps(b.get(k))} here"
                      for k in keys)
@@ -406,6 +406,6 @@ def _resume_config(run_dir: Path, requested: Config) -> Config:
                if k not in configs.RESUMABLE_CHANGES]
     if refused:
         raise RegganError(f"cannot resume with a different config: "
-                          f"{_describe_changes(refused, saved, requested)} (a resume may change "
+                          f"{describe_changes(refused, saved, requested)} (a resume may change "
                           f"only {', '.join(configs.RESUMABLE_CHANGES)})")
     return requested

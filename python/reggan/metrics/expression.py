@@ -283,6 +283,7 @@ class ExpressionClassifier(nn.Module):
         return cls(net, labels, meta["name"], float(meta["margin"])).eval()
 
 
+@torch.enable_grad()  # also when called under no_grad, as by `reggan evaluate`
 def train_expression_classifier(images: Images, labels: Sequence[str], label_names: Sequence[str],
                                 epochs: int = 15, batch_size: int = 64, lr: float = 5e-3,
                                 seed: int = 0, device: Union[str, torch.device] = "cpu",
@@ -359,14 +360,23 @@ def expression_score(classifier: ExpressionClassifier, images: Images,
     face with dlib and reports the detection rate; images with no face found are classified
     whole (missing='full_frame') or left out (missing='skip')."""
     check_faces_mode(faces, missing)
-    target_idx = classifier.label_indices(targets)
     prediction = classifier.predict(images, faces, detector)
+    return score_prediction(classifier, prediction, targets, faces == "detect", missing)
+
+
+def score_prediction(classifier: ExpressionClassifier, prediction: Prediction,
+                     targets: Sequence[Union[str, int]], detected: bool = False,
+                     missing: str = "full_frame") -> MetricResult:
+    """ECS of a `classifier.predict` result, so a report can classify images once and reuse the
+    prediction's features (FD-expr); `detected` says whether the faces were detected (which
+    adds the detection rate)."""
+    target_idx = classifier.label_indices(targets)
     if prediction.logits.shape[0] != target_idx.shape[0]:
         raise ValueError(f"got {prediction.logits.shape[0]} images but {target_idx.shape[0]} targets")
     keep = prediction.detected if missing == "skip" else torch.ones_like(prediction.detected)
     name = f"ecs_{classifier.name}"
     details = {"n": int(keep.sum())}
-    if faces == "detect":
+    if detected:
         details["detection_rate"] = float(prediction.detected.float().mean()) if len(keep) else 0.0
     if not bool(keep.any()):
         return MetricResult.unavailable(name, "no images to score" if len(keep) == 0 else

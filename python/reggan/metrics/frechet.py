@@ -80,7 +80,9 @@ def frechet_distance_of(features_a, features_b) -> float:
     return max(distance, 0.0)
 
 
-def _result(name: str, a: np.ndarray, b: np.ndarray, extractor: str) -> MetricResult:
+def frechet_result(name: str, a: np.ndarray, b: np.ndarray, extractor: str) -> MetricResult:
+    """The Frechet distance of feature sets `a` and `b` as a result named `name`, with the
+    sample counts and what `extractor` made the features."""
     details = {"n_a": int(a.shape[0]), "n_b": int(b.shape[0]), "dim": int(a.shape[1]),
                "features": extractor}
     return MetricResult(name, frechet_distance_of(a, b), details)
@@ -91,7 +93,7 @@ def fd_expr(classifier, images_a: Images, images_b: Images, faces: str = "full")
     from reggan.metrics.expression import expression_features
     a = expression_features(classifier, images_a, faces)
     b = expression_features(classifier, images_b, faces)
-    return _result(f"fd_expr_{classifier.name}", a, b, f"{classifier.name} expression classifier, "
+    return frechet_result(f"fd_expr_{classifier.name}", a, b, f"{classifier.name} expression classifier, "
                    "penultimate layer")
 
 
@@ -101,7 +103,7 @@ def fd_face(images_a: Images, images_b: Images, describer=None, faces: str = "de
     describer = describer if describer is not None else FaceDescriber()
     a = describer.describe(images_a, faces, "images_a")[0]
     b = describer.describe(images_b, faces, "images_b")[0]
-    return _result("fd_face", a, b, "dlib face descriptor")
+    return frechet_result("fd_face", a, b, "dlib face descriptor")
 
 
 def inception_features(model, images: Images, batch_size: int = 32, name: str = "images") -> np.ndarray:
@@ -127,4 +129,4 @@ def fid(images_a: Images, images_b: Images, inception_weights: Optional[Union[st
     model = load_inception(inception_weights).to(device)
     a = inception_features(model, images_a, batch_size, "images_a")
     b = inception_features(model, images_b, batch_size, "images_b")
-    return _result("fid", a, b, f"Inception-v3 ({model.variant} weights), pool3")
+    return frechet_result("fid", a, b, f"Inception-v3 ({model.variant} weights), pool3")

@@ -66,10 +66,20 @@ def face_similarity_score(outputs: Images, inputs: Images, describer: Optional[F
     in_desc, in_found = describer.describe(inputs, faces, "inputs")
     if len(out_desc) != len(in_desc):
         raise ValueError(f"got {len(out_desc)} outputs but {len(in_desc)} inputs; FSS compares pairs")
+    return similarity_of_descriptors(out_desc, out_found, in_desc, in_found, faces == "detect",
+                                     missing)
+
+
+def similarity_of_descriptors(out_desc: np.ndarray, out_found: np.ndarray, in_desc: np.ndarray,
+                              in_found: np.ndarray, detected: bool = True,
+                              missing: str = "full_frame") -> MetricResult:
+    """FSS from descriptors already computed (as `FaceDescriber.describe` returns them), so a
+    report can describe each image once and score several groups of pairs; `detected` says
+    whether the faces were detected (which adds the detection rate)."""
     found = out_found & in_found
     keep = found if missing == "skip" else np.ones_like(found)
     details = {"n": int(keep.sum())}
-    if faces == "detect":
+    if detected:
         details["detection_rate"] = float(found.mean()) if len(found) else 0.0
     if not keep.any():
         return MetricResult.unavailable("fss", "no image pairs to score" if len(keep) == 0 else
