@@ -57,7 +57,7 @@ void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step,
 namespace local_regression_avx512 {
 constexpr int kVectorBytes = 64;
 constexpr int kVectors = 2;
-constexpr int kBatchTile = 4;  // 8 accumulators + 2 weights + 1 input of 32 registers
+constexpr int kAccumulators = 16;  // + 2 weights + 1 input of 32 registers
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_avx512
@@ -68,7 +68,7 @@ constexpr int kTapTile = 4;
 namespace local_regression_avx2 {
 constexpr int kVectorBytes = 32;
 constexpr int kVectors = 2;
-constexpr int kBatchTile = 4;  // 8 accumulators + 2 weights + 1 input of 16 registers
+constexpr int kAccumulators = 8;  // + 2 weights + 1 input of 16 registers
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_avx2
@@ -78,7 +78,7 @@ constexpr int kTapTile = 4;
 namespace local_regression_baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kVectors = 2;
-constexpr int kBatchTile = 4;
+constexpr int kAccumulators = 8;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_baseline

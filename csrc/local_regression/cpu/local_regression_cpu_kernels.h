@@ -1,7 +1,7 @@
 // CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
 // includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
-// SIMD width in bytes), kVectors (registers per block of a row), kBatchTile (samples that share
-// each weight load) and kTapTile (weight-gradient rows accumulated side by side), after including
+// SIMD width in bytes), kVectors (registers per block of a row), kAccumulators (registers that
+// hold sums of a tile of samples) and kTapTile (weight-gradient rows accumulated side by side), after including
 // everything it uses. Hence no include guard and no includes.
 //
 // A task owns one row index of a group: the output rows (forward, weight gradient) or input rows
@@ -15,9 +15,9 @@
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
 
-// kVectors registers along a row.
-template <typename T>
-using Block = cpu_lanes::WideLanes<T, kVectorBytes, kVectors>;
+// kParts registers along a row.
+template <typename T, int kParts = kVectors>
+using Block = cpu_lanes::WideLanes<T, kVectorBytes, kParts>;
 
 // Elements of a scratch row that whole blocks over `width` columns read, `extra` columns beyond
 // the block start included.
@@ -28,8 +28,8 @@ int64_t scratch_row_length(int64_t width, int64_t extra) {
 }
 
 // Splits `samples` x `channels` items of `item` scratch elements into steps that fit the
-// scratch: every sample and as many channels as fit, else one channel and as many whole batch
-// tiles of samples as fit.
+// scratch: every sample and as many channels as fit, else one channel and as many whole widest
+// batch tiles of samples as fit.
 template <typename T>
 void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_step,
                    int64_t* c_step) {
@@ -38,7 +38,7 @@ void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_s
     *n_step = std::max<int64_t>(1, samples);
     *c_step = std::clamp<int64_t>(fit / *n_step, 1, std::max<int64_t>(1, channels));
   } else {
-    *n_step = std::max<int64_t>(kBatchTile, fit / kBatchTile * kBatchTile);
+    *n_step = std::max<int64_t>(kAccumulators, fit / kAccumulators * kAccumulators);
     *c_step = 1;
   }
 }
@@ -55,72 +55,83 @@ void prefetch_next_rows(const T* base, const int64_t* offsets, int64_t count, in
   }
 }
 
-// acc[n] += a[a_off[t] + jb + l] * b[n][b_off[t] + jb + l] for every tap t < taps and lane l of
-// the block. a is read for a_lanes lanes (zeros after them), so that a row of the caller's tensor
-// that ends inside the block is not read past its end; b holds scratch rows padded to whole
-// blocks. a_lanes is a constant for whole blocks once inlined.
-template <int kBatch, typename T>
-REGGAN_CPU_INLINE void accumulate_taps(typename Block<T>::value* acc, const T* a,
-                                       const int64_t* a_off, const T* const* b,
-                                       const int64_t* b_off, int64_t taps, int64_t jb,
-                                       int64_t a_lanes) {
-  using L = Block<T>;
-  for (int64_t t = 0; t < taps; ++t) {
-    const typename L::value av = L::load(a + a_off[t] + jb, a_lanes);
-#pragma GCC unroll 16
-    for (int n = 0; n < kBatch; ++n) acc[n] += av * L::load(b[n] + b_off[t] + jb, L::kWidth);
+// dst + t * dst_stride = base + offsets[t] for t < count rows of `width`: the weight rows of a
+// step, one plane apart in memory, made adjacent. In place they compete for the few cache sets
+// that addresses a multiple of 4 KiB apart share, so loads from them wait on memory one
+// after another; a copy loop keeps many misses in flight, and the copy then stays cached.
+template <typename T>
+void pack_rows(T* dst, int64_t dst_stride, const T* base, const int64_t* offsets, int64_t count,
+               int64_t width) {
+  for (int64_t t = 0; t < count; ++t) {
+    std::memcpy(dst + t * dst_stride, base + offsets[t], width * sizeof(T));
   }
 }
 
-// Rows out[n][:width] for n < kBatch: the sums over the taps of a step, started from `start`
-// (a row shared by the samples, or zeros when null) on the first step and from out after it.
-template <int kBatch, typename T>
-void accumulate_rows(const T* a, const int64_t* a_off, const T* const* b, const int64_t* b_off,
-                     int64_t taps, int64_t width, int64_t a_width, const T* start, bool first,
-                     T* const* out) {
-  using L = Block<T>;
+// acc[n] += a[a_off[t] + jb + l] * b[n * b_stride + b_off[t] + jb + l] for every tap t < taps
+// and lane l of the block. a is read for a_lanes lanes (zeros after them), so that a row of the
+// caller's tensor that ends inside the block is not read past its end; b holds scratch rows padded
+// to whole blocks. a_lanes is a constant for whole blocks once inlined.
+template <int kBatch, int kParts, typename T>
+REGGAN_CPU_INLINE void accumulate_taps(typename Block<T, kParts>::value* acc, const T* a,
+                                       const int64_t* a_off, const T* b, int64_t b_stride,
+                                       const int64_t* b_off, int64_t taps, int64_t jb,
+                                       int64_t a_lanes) {
+  using L = Block<T, kParts>;
+  for (int64_t t = 0; t < taps; ++t) {
+    const typename L::value av = L::load(a + a_off[t] + jb, a_lanes);
+    const T* bt = b + b_off[t] + jb;
+#pragma GCC unroll 16
+    for (int n = 0; n < kBatch; ++n) acc[n] += av * L::load(bt + n * b_stride, L::kWidth);
+  }
+}
+
+// Rows out[n * out_stride:][:width] for n < kBatch: the sums over the taps of a step, started
+// from `start` (a row shared by the samples, or zeros when null) on the first step and from out
+// after it.
+template <int kBatch, int kParts, typename T>
+void accumulate_rows(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
+                     const int64_t* b_off, int64_t taps, int64_t width, int64_t a_width,
+                     const T* start, bool first, T* out, int64_t out_stride) {
+  using L = Block<T, kParts>;
   using V = typename L::value;
   for (int64_t jb = 0; jb < width; jb += L::kWidth) {
     const int64_t lanes = std::min<int64_t>(L::kWidth, width - jb);
     V acc[kBatch];
     const V init = first && start != nullptr ? L::load(start + jb, lanes) : V{};
-    for (int n = 0; n < kBatch; ++n) acc[n] = first ? init : L::load(out[n] + jb, lanes);
+    for (int n = 0; n < kBatch; ++n) acc[n] = first ? init : L::load(out + n * out_stride + jb, lanes);
     if (jb + L::kWidth <= a_width) {
-      accumulate_taps<kBatch>(acc, a, a_off, b, b_off, taps, jb, L::kWidth);
+      accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, L::kWidth);
     } else {
-      accumulate_taps<kBatch>(acc, a, a_off, b, b_off, taps, jb, a_width - jb);
+      accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, a_width - jb);
     }
-    for (int n = 0; n < kBatch; ++n) L::store(out[n] + jb, acc[n], lanes);
+    for (int n = 0; n < kBatch; ++n) L::store(out + n * out_stride + jb, acc[n], lanes);
   }
 }
 
-// accumulate_rows for `count` samples, kBatchTile at a time: sample n reads b + n * b_stride and
-// writes out + n * out_stride.
-template <typename T>
+// accumulate_rows for `count` samples: sample n reads b + n * b_stride and writes
+// out + n * out_stride. Tiles of kBatch samples share each load of a (the weight, the dominant
+// stream, whose rows are too far apart to stay cached between tiles), widest first: up to
+// kAccumulators samples, so that a batch that fits is read from a once.
+template <int kBatch = kAccumulators, typename T>
 void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
                         const int64_t* b_off, int64_t taps, int64_t count, int64_t width,
                         int64_t a_width, const T* start, bool first, T* out, int64_t out_stride) {
-  const T* b_rows[kBatchTile];
-  T* out_rows[kBatchTile];
-  int64_t n0 = 0;
-  for (; n0 + kBatchTile <= count; n0 += kBatchTile) {
-    for (int n = 0; n < kBatchTile; ++n) {
-      b_rows[n] = b + (n0 + n) * b_stride;
-      out_rows[n] = out + (n0 + n) * out_stride;
-    }
-    accumulate_rows<kBatchTile>(a, a_off, b_rows, b_off, taps, width, a_width, start, first,
-                                out_rows);
+  constexpr int kParts = std::clamp(kAccumulators / kBatch, 1, kVectors);
+  for (; count >= kBatch; count -= kBatch) {
+    accumulate_rows<kBatch, kParts>(a, a_off, b, b_stride, b_off, taps, width, a_width, start,
+                                    first, out, out_stride);
+    b += kBatch * b_stride;
+    out += kBatch * out_stride;
   }
-  for (; n0 < count; ++n0) {
-    b_rows[0] = b + n0 * b_stride;
-    out_rows[0] = out + n0 * out_stride;
-    accumulate_rows<1>(a, a_off, b_rows, b_off, taps, width, a_width, start, first, out_rows);
+  if constexpr (kBatch > 1) {
+    accumulate_samples<kBatch / 2>(a, a_off, b, b_stride, b_off, taps, count, width, a_width,
+                                   start, first, out, out_stride);
   }
 }
 
 // One task per (group, output row i). The input rows of a step of samples and channels are
 // padded once into scratch and serve every output channel of the group; the weight rows of
-// (o, i), read from memory once, serve kBatchTile samples per load from cache. Input row (n, c, r)
+// (o, i), read from memory once, serve up to kAccumulators samples per load. Input row (n, c, r)
 // is kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so
 // tap v reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) /
 // stride_w. y holds the partial sums between steps of channels.
@@ -138,6 +149,7 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   scratch_steps<T>(channel_len, g.batch, g.in_per_group(), &n_step, &c_step);
   const bool one_step = n_step >= g.batch && c_step >= g.in_per_group();
   const int64_t w_tap = g.out_plane();  // weight elements from tap to tap
+  const int64_t w_len = scratch_row_length<T>(g.out_width, 0);  // a packed weight row
   const int64_t y_sample = g.out_channels * g.out_plane();
   const int64_t work =
       g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
@@ -145,7 +157,9 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
     std::vector<T> rows(n_step * c_step * channel_len);
     std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
     std::vector<int64_t> w_off(c_step * g.kernel_h * g.kernel_w);
-    std::vector<int64_t> x_off(w_off.size());
+    std::vector<int64_t> x_off(w_off.size()), packed_off(w_off.size());
+    for (size_t t = 0; t < packed_off.size(); ++t) packed_off[t] = t * w_len;
+    std::vector<T> packed(w_off.size() * w_len);  // zeros past out_width
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.out_height;
@@ -191,8 +205,9 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
             if (n_begin == 0 && i + 1 < g.out_height) {
               prefetch_next_rows(w_base, w_off.data(), taps, g.out_width);
             }
-            accumulate_samples(w_base, w_off.data(), rows.data(), sample_len, x_off.data(), taps,
-                               n_count, g.out_width, g.out_width,
+            pack_rows(packed.data(), w_len, w_base, w_off.data(), taps, g.out_width);
+            accumulate_samples(packed.data(), packed_off.data(), rows.data(), sample_len,
+                               x_off.data(), taps, n_count, g.out_width, w_len,
                                bias != nullptr ? bias + (o * g.out_height + i) * g.out_width
                                                : nullptr,
                                c_begin == 0,
