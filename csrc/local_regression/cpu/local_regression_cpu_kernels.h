@@ -241,7 +241,7 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
     const int64_t max_taps = o_step * g.kernel_h * g.kernel_w;
     std::vector<T> gy_rows(n_step * o_step * channel_len), w_rows(max_taps * row_len);
     std::vector<int64_t> w_off(max_taps), gy_off(max_taps);
-    std::vector<const T*> w_src(max_taps);
+    std::vector<int64_t> w_src(max_taps);  // weight rows of input channel 0
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.in_height;
       const int64_t r = task % g.in_height;
@@ -267,16 +267,20 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
               }
               for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
                 const int64_t t = g.pad_w + (g.kernel_w - 1 - v) * g.dilation_w;
-                w_src[taps] = w + g.weight_row(first_o + o_begin + o, 0, u, v, i);
+                w_src[taps] = g.weight_row(first_o + o_begin + o, 0, u, v, i);
                 w_off[taps] = taps * row_len + t;
                 gy_off[taps] = row + t;
               }
             }
           }
           for (int64_t c = 0; c < g.in_per_group(); ++c) {
-            const int64_t w_channel = c * g.kernel_h * g.kernel_w * g.out_plane();
+            const T* w_channel = w + c * g.kernel_h * g.kernel_w * g.out_plane();
+            // With stride 1 the next input row reads the next output row of the same weights.
+            if (n_begin == 0 && r + 1 < g.in_height) {
+              prefetch_next_rows(w_channel, w_src.data(), taps, g.out_width);
+            }
             for (int64_t t = 0; t < taps; ++t) {
-              padded_row(w_rows.data() + t * row_len, w_src[t] + w_channel, g.out_width, -lead, 1,
+              padded_row(w_rows.data() + t * row_len, w_channel + w_src[t], g.out_width, -lead, 1,
                          row_len);
             }
             const int64_t ci = group * g.in_per_group() + c;
