@@ -351,19 +351,23 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
+  // The grad_y rows of a step are packed too, [sample][o][column], serving every (c, u): in
+  // place, the rows of a column block sit a multiple of 4 KiB apart and evict each other.
+  const int64_t gy_len = scratch_row_length<T>(g.out_width, 0);
+  const int64_t gy_step = g.out_per_group() * gy_len;
   int64_t n_step, unused;
-  scratch_steps<T>(phases * row_len, g.batch, 1, &n_step, &unused);
-  const int64_t gy_step = g.out_channels * g.out_plane();
+  scratch_steps<T>(phases * row_len + gy_step, g.batch, 1, &n_step, &unused);
   const int64_t work =
       g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
   at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
-    std::vector<T> rows(n_step * phases * row_len);
+    std::vector<T> rows(n_step * phases * row_len), gy_rows(n_step * gy_step);
     std::vector<const T*> x_rows(n_step * g.kernel_w);
     std::vector<T*> gw_rows(g.kernel_w);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.out_height;
       const int64_t i = task % g.out_height;
       const int64_t c0 = group * g.in_per_group();
+      int64_t gy_packed = -1;  // the n_begin whose grad_y rows gy_rows holds, -1 if none
       for (int64_t c = 0; c < g.in_per_group(); ++c) {
         for (int64_t u = 0; u < g.kernel_h; ++u) {
           const int64_t r = g.input_row(i, u);
@@ -371,6 +375,18 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
           // At least one step, so that grad_w is written when the batch is empty.
           for (int64_t n_begin = 0; n_begin == 0 || n_begin < g.batch; n_begin += n_step) {
             const int64_t count = inside ? std::min(g.batch - n_begin, n_step) : 0;
+            if (count > 0 && gy_packed != n_begin) {
+              gy_packed = n_begin;
+              for (int64_t n = 0; n < std::min(g.batch - n_begin, n_step); ++n) {
+                for (int64_t o = 0; o < g.out_per_group(); ++o) {
+                  std::memcpy(gy_rows.data() + n * gy_step + o * gy_len,
+                              grad_y + (((n_begin + n) * g.out_channels +
+                                         group * g.out_per_group() + o) * g.out_height + i) *
+                                           g.out_width,
+                              g.out_width * sizeof(T));
+                }
+              }
+            }
             for (int64_t n = 0; n < count; ++n) {
               const T* x_row =
                   x + (((n_begin + n) * g.in_channels + c0 + c) * g.in_height + r) * g.in_width;
@@ -389,8 +405,7 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
               for (int64_t v = 0; v < g.kernel_w; ++v) {
                 gw_rows[v] = grad_w + g.weight_row(o, c, u, v, i);
               }
-              const T* gy = grad_y + ((n_begin * g.out_channels + o) * g.out_height + i) *
-                                         g.out_width;
+              const T* gy = gy_rows.data() + (o - group * g.out_per_group()) * gy_len;
               for (int64_t jb = 0; jb < g.out_width; jb += L::kWidth) {
                 const int64_t lanes = std::min<int64_t>(L::kWidth, g.out_width - jb);
                 if (lanes == L::kWidth) {
