@@ -1,16 +1,17 @@
 // CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
 // includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
 // SIMD width in bytes), kVectors (registers per block of a row), kAccumulators (registers that
-// hold sums of a tile of samples) and kTapTile (weight-gradient rows accumulated side by side), after including
-// everything it uses. Hence no include guard and no includes.
+// hold the sums of a tile of samples) and kTapTile (weight-gradient rows accumulated side by
+// side), after including everything it uses. Hence no include guard and no includes.
 //
 // A task owns one row index of a group: the output rows (forward, weight gradient) or input rows
-// (input gradient) at that index of every channel of the group and every sample. The rows it
-// reads at shifted columns are first copied into zero-padded scratch rows (padded_row) that all
-// channels of the group share, so the vector loops need no bounds checks and any stride and
-// dilation reads contiguously. A block of an output row is accumulated in registers over all the
-// terms of a step and written once. Each output element is summed by one task in a fixed order,
-// so results do not depend on the number of threads.
+// (input gradient) at that index of every channel of the group and every sample. The rows it reads
+// at shifted columns are first copied into zero-padded scratch rows (padded_row) that all channels
+// of the group share, so the vector loops need no bounds checks and any stride and dilation reads
+// contiguously. The rows of the weight (forward) and of grad_y (weight gradient) that a task reads,
+// one plane apart in memory, are packed side by side first too. A block of an output row is
+// accumulated in registers over all the terms of a step and written once. Each output element is
+// summed by one task in a fixed order, so results do not depend on the number of threads.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
@@ -98,7 +99,9 @@ void accumulate_rows(const T* a, const int64_t* a_off, const T* b, int64_t b_str
     const int64_t lanes = std::min<int64_t>(L::kWidth, width - jb);
     V acc[kBatch];
     const V init = first && start != nullptr ? L::load(start + jb, lanes) : V{};
-    for (int n = 0; n < kBatch; ++n) acc[n] = first ? init : L::load(out + n * out_stride + jb, lanes);
+    for (int n = 0; n < kBatch; ++n) {
+      acc[n] = first ? init : L::load(out + n * out_stride + jb, lanes);
+    }
     if (jb + L::kWidth <= a_width) {
       accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, L::kWidth);
     } else {
@@ -129,12 +132,12 @@ void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_
   }
 }
 
-// One task per (group, output row i). The input rows of a step of samples and channels are
-// padded once into scratch and serve every output channel of the group; the weight rows of
-// (o, i), read from memory once, serve up to kAccumulators samples per load. Input row (n, c, r)
-// is kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so
-// tap v reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) /
-// stride_w. y holds the partial sums between steps of channels.
+// One task per (group, output row i). The input rows of a step of samples and channels are padded
+// once into scratch and serve every output channel of the group; the weight rows of (o, i), read
+// from memory once and packed, serve up to kAccumulators samples per load. Input row (n, c, r) is
+// kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so tap v
+// reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) / stride_w. y
+// holds the partial sums between steps of channels.
 template <typename T>
 void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeometry& g) {
   const int64_t phases = g.stride_w;
@@ -351,8 +354,9 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
-  // The grad_y rows of a step are packed too, [sample][o][column], serving every (c, u): in
-  // place, the rows of a column block sit a multiple of 4 KiB apart and evict each other.
+  // The grad_y rows of a step are packed too, [sample][o][column], and serve every (c, u): in
+  // place the rows of the samples sit a grad_y sample apart, often a multiple of 4 KiB, and
+  // evict each other from the few cache sets they share.
   const int64_t gy_len = scratch_row_length<T>(g.out_width, 0);
   const int64_t gy_step = g.out_per_group() * gy_len;
   int64_t n_step, unused;
