@@ -236,6 +236,8 @@ KERNEL_PATHS = {
     "batch tiles of every size": (31, 2, 2, (4, 37), 3, 1, 1, 1, 2),
     "widest and narrowest batch tiles": (17, 1, 2, (3, 20), 3, 1, 1, 1, 1),
     "a batch of one": (1, 3, 3, (5, 19), 3, 1, 1, 1, 1),
+    # A weight gradient of 8 MiB or more, stored past the caches, rows aligned or not.
+    "streamed weight gradient": (2, 8, 16, (33, 61), 3, 1, 1, 1, 1),
 }
 
 

@@ -21,6 +21,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common/cpu_isa.h"
 #include "common/cpu_lanes.h"
@@ -34,6 +37,9 @@ constexpr int64_t kMinTaskWork = 1 << 14;
 // A task's padded scratch rows fit in about this much of L2.
 template <typename T>
 constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
+// A weight gradient of at least this many bytes is stored past the caches: it would not stay
+// cached for its reader anyway. Below, it is faster to keep it there.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));

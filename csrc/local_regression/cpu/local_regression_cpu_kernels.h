@@ -301,12 +301,49 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
   });
 }
 
+// Block L's v at p, past the caches when `stream` and p is aligned to whole registers: the
+// weight gradient, tens of MiB written once, then costs no read of each line before it is
+// written. Callers fence before the output is read (stream_fence).
+template <typename L, typename T>
+REGGAN_CPU_INLINE void store_block(T* p, const typename L::value& v, int64_t lanes, bool stream) {
+#if defined(__SSE2__)
+  if (stream && lanes == L::kWidth && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
+    constexpr int64_t kPart = kVectorBytes / sizeof(T);
+    for (int i = 0; i < int(L::kWidth / kPart); ++i) {
+      if constexpr (kVectorBytes == 64 && sizeof(T) == 4) {
+        _mm512_stream_ps(p + i * kPart, (__m512)v.r[i]);
+      } else if constexpr (kVectorBytes == 64) {
+        _mm512_stream_pd(p + i * kPart, (__m512d)v.r[i]);
+      } else if constexpr (kVectorBytes == 32 && sizeof(T) == 4) {
+        _mm256_stream_ps(p + i * kPart, (__m256)v.r[i]);
+      } else if constexpr (kVectorBytes == 32) {
+        _mm256_stream_pd(p + i * kPart, (__m256d)v.r[i]);
+      } else if constexpr (sizeof(T) == 4) {
+        _mm_stream_ps(p + i * kPart, (__m128)v.r[i]);
+      } else {
+        _mm_stream_pd(p + i * kPart, (__m128d)v.r[i]);
+      }
+    }
+    return;
+  }
+#endif
+  L::store(p, v, lanes);
+}
+
+// Orders the stores of store_block before any that follow.
+REGGAN_CPU_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // grad_w[o, c, u, v0 + t, i, jb:] for t < kTaps, summed over `count` samples in order: sample n
 // reads grad_y at gy_row + n * gy_step and its padded input row of tap v at x_rows[n * kW + v].
+// `stream`: the sums are final and written past the caches (store_block).
 template <int kTaps, typename T>
 REGGAN_CPU_INLINE void weight_taps(const T* gy_row, int64_t gy_step, const T* const* x_rows,
                                    int64_t kernel_w, int64_t v0, int64_t count, int64_t jb,
-                                   int64_t lanes, T* const* gw_rows, bool first) {
+                                   int64_t lanes, T* const* gw_rows, bool first, bool stream) {
   using L = Block<T>;
   using V = typename L::value;
   V acc[kTaps];
@@ -319,28 +356,29 @@ REGGAN_CPU_INLINE void weight_taps(const T* gy_row, int64_t gy_step, const T* co
     for (int t = 0; t < kTaps; ++t) acc[t] += gy * L::load(x[t] + jb, L::kWidth);
   }
 #pragma GCC unroll 16
-  for (int t = 0; t < kTaps; ++t) L::store(gw_rows[v0 + t] + jb, acc[t], lanes);
+  for (int t = 0; t < kTaps; ++t) store_block<L>(gw_rows[v0 + t] + jb, acc[t], lanes, stream);
 }
 
 template <typename T>
 REGGAN_CPU_INLINE void weight_block(const T* gy_row, int64_t gy_step, const T* const* x_rows,
                                     int64_t kernel_w, int64_t count, int64_t jb, int64_t lanes,
-                                    T* const* gw_rows, bool first) {
+                                    T* const* gw_rows, bool first, bool stream) {
   static_assert(kTapTile <= 4, "the remainder below covers at most 3 taps");
   int64_t v0 = 0;
   for (; v0 + kTapTile <= kernel_w; v0 += kTapTile) {
-    weight_taps<kTapTile>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows, first);
+    weight_taps<kTapTile>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows, first,
+                          stream);
   }
   switch (kernel_w - v0) {
     case 3:
       return weight_taps<3>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first);
+                            first, stream);
     case 2:
       return weight_taps<2>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first);
+                            first, stream);
     case 1:
       return weight_taps<1>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first);
+                            first, stream);
   }
 }
 
@@ -363,6 +401,8 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
   scratch_steps<T>(phases * row_len + gy_step, g.batch, 1, &n_step, &unused);
   const int64_t work =
       g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
+  const bool large = g.out_channels * g.in_per_group() * g.kernel_h * g.kernel_w *
+                         g.out_plane() * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> rows(n_step * phases * row_len), gy_rows(n_step * gy_step);
     std::vector<const T*> x_rows(n_step * g.kernel_w);
@@ -379,6 +419,7 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
           // At least one step, so that grad_w is written when the batch is empty.
           for (int64_t n_begin = 0; n_begin == 0 || n_begin < g.batch; n_begin += n_step) {
             const int64_t count = inside ? std::min(g.batch - n_begin, n_step) : 0;
+            const bool stream = large && (!inside || n_begin + n_step >= g.batch);
             if (count > 0 && gy_packed != n_begin) {
               gy_packed = n_begin;
               for (int64_t n = 0; n < std::min(g.batch - n_begin, n_step); ++n) {
@@ -414,10 +455,10 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
                 const int64_t lanes = std::min<int64_t>(L::kWidth, g.out_width - jb);
                 if (lanes == L::kWidth) {
                   weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, L::kWidth,
-                               gw_rows.data(), n_begin == 0);
+                               gw_rows.data(), n_begin == 0, stream);
                 } else {
                   weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, lanes,
-                               gw_rows.data(), n_begin == 0);
+                               gw_rows.data(), n_begin == 0, stream);
                 }
               }
             }
@@ -426,5 +467,6 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
         }
       }
     }
+    stream_fence();
   });
 }
