@@ -161,7 +161,7 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
     std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
     std::vector<int64_t> w_off(c_step * g.kernel_h * g.kernel_w);
     std::vector<int64_t> x_off(w_off.size()), packed_off(w_off.size());
-    for (size_t t = 0; t < packed_off.size(); ++t) packed_off[t] = t * w_len;
+    for (size_t t = 0; t < packed_off.size(); ++t) packed_off[t] = int64_t(t) * w_len;
     std::vector<T> packed(w_off.size() * w_len);  // zeros past out_width
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
