@@ -215,9 +215,11 @@ def test_backward_is_bitwise_equal_across_thread_counts():
 
 
 # Geometries that take each path of the CPU kernels: (batch, in_ch, out_ch, (H, W), kernel,
-# stride, padding, dilation, groups). Rows are split into blocks of 2 vectors (8 to 32 columns
-# with float32, half that with float64) and batches into tiles of 4, with remainders; padded
-# scratch rows hold 128 KiB per thread, past which the kernels step over channels or samples.
+# stride, padding, dilation, groups). Rows are split into blocks of 1 or 2 vectors (4 to 32
+# columns with float32, half that with float64), with remainders; in the forward and the input
+# gradient batches are split into tiles of 16, 8, 4, 2 and 1 samples (8 down to 1 without
+# AVX-512), one of each size at most once the widest are taken; padded scratch rows hold 128 KiB
+# per thread, past which the kernels step over channels or samples.
 KERNEL_PATHS = {
     "one column": (3, 2, 2, (5, 1), 3, 1, 1, 1, 1),
     "tails of blocks and batch tiles": (5, 3, 3, (7, 37), 3, 1, 1, 1, 3),
@@ -227,9 +229,15 @@ KERNEL_PATHS = {
     "padding beyond the kernel": (2, 2, 2, (4, 6), 3, 1, 3, 1, 2),
     # 48 channels of 3 rows of 113 float64 or more per sample: input and output channels in steps.
     "steps of channels": (2, 48, 48, (2, 100), (3, 2), 1, 1, 1, 1),
-    # 5 rows of 212 float64 or more per sample: every kernel in steps of samples (backward_weight
-    # past 77 samples).
+    # 5 rows of 212 float64 or more per sample: every kernel in steps of samples (backward_weight,
+    # which also packs grad_y rows, past about 40 float64 samples).
     "steps of samples": (100, 1, 1, (3, 200), 5, 1, 2, 1, 1),
+    # 31 = 16 + 8 + 4 + 2 + 1 and 17 = 16 + 1: every batch tile, and the widest then the narrowest.
+    "batch tiles of every size": (31, 2, 2, (4, 37), 3, 1, 1, 1, 2),
+    "widest and narrowest batch tiles": (17, 1, 2, (3, 20), 3, 1, 1, 1, 1),
+    "a batch of one": (1, 3, 3, (5, 19), 3, 1, 1, 1, 1),
+    # A weight gradient of 8 MiB or more, stored past the caches, rows aligned or not.
+    "streamed weight gradient": (2, 8, 16, (33, 61), 3, 1, 1, 1, 1),
 }
 
 

@@ -14,8 +14,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common/cpu_isa.h"
 #include "common/cpu_lanes.h"
@@ -29,6 +37,9 @@ constexpr int64_t kMinTaskWork = 1 << 14;
 // A task's padded scratch rows fit in about this much of L2.
 template <typename T>
 constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
+// A weight gradient of at least this many bytes is stored past the caches: it would not stay
+// cached for its reader anyway. Below, it is faster to keep it there.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
@@ -49,6 +60,22 @@ void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step,
   std::fill(dst + end, dst + count, T(0));
 }
 
+// Asks for transparent huge pages under a fresh output. An output of tens of MiB (a weight
+// gradient) is mmapped afresh by every call, and faulting it in 4 KiB at a time cost as much as
+// computing it; in 2 MiB pages it faults about 5x faster. Only the 2 MiB-aligned interior can be
+// huge. Advisory: where THP is off the kernel ignores it, and so do we.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t data = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (data + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (data + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 }  // namespace
 
 #ifdef REGGAN_X86_ISAS
@@ -57,7 +84,7 @@ void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step,
 namespace local_regression_avx512 {
 constexpr int kVectorBytes = 64;
 constexpr int kVectors = 2;
-constexpr int kBatchTile = 4;  // 8 accumulators + 2 weights + 1 input of 32 registers
+constexpr int kAccumulators = 16;  // + 2 weights + 1 input of 32 registers
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_avx512
@@ -68,7 +95,7 @@ constexpr int kTapTile = 4;
 namespace local_regression_avx2 {
 constexpr int kVectorBytes = 32;
 constexpr int kVectors = 2;
-constexpr int kBatchTile = 4;  // 8 accumulators + 2 weights + 1 input of 16 registers
+constexpr int kAccumulators = 8;  // + 2 weights + 1 input of 16 registers
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_avx2
@@ -78,7 +105,7 @@ constexpr int kTapTile = 4;
 namespace local_regression_baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kVectors = 2;
-constexpr int kBatchTile = 4;
+constexpr int kAccumulators = 8;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_baseline
@@ -159,6 +186,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(output_shape(g), input.options());
   if (y.numel() == 0) return y;
+  advise_huge_pages(y);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "local_regression_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -179,6 +207,7 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& w
   const at::Tensor w = weight.contiguous();
   at::Tensor grad_x = at::empty(input_shape(g), grad_output.options());
   if (grad_x.numel() == 0) return grad_x;
+  advise_huge_pages(grad_x);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "local_regression_backward_input_cpu", [&] {
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -200,6 +229,7 @@ at::Tensor backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& 
   const at::Tensor x = input.contiguous();
   at::Tensor grad_w = at::empty(weight_shape(g), input.options());
   if (grad_w.numel() == 0) return grad_w;
+  advise_huge_pages(grad_w);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "local_regression_backward_weight_cpu", [&] {
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

@@ -1,23 +1,24 @@
 // CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
 // includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
-// SIMD width in bytes), kVectors (registers per block of a row), kBatchTile (samples that share
-// each weight load) and kTapTile (weight-gradient rows accumulated side by side), after including
-// everything it uses. Hence no include guard and no includes.
+// SIMD width in bytes), kVectors (registers per block of a row), kAccumulators (registers that
+// hold the sums of a tile of samples) and kTapTile (weight-gradient rows accumulated side by
+// side), after including everything it uses. Hence no include guard and no includes.
 //
 // A task owns one row index of a group: the output rows (forward, weight gradient) or input rows
-// (input gradient) at that index of every channel of the group and every sample. The rows it
-// reads at shifted columns are first copied into zero-padded scratch rows (padded_row) that all
-// channels of the group share, so the vector loops need no bounds checks and any stride and
-// dilation reads contiguously. A block of an output row is accumulated in registers over all the
-// terms of a step and written once. Each output element is summed by one task in a fixed order,
-// so results do not depend on the number of threads.
+// (input gradient) at that index of every channel of the group and every sample. The rows it reads
+// at shifted columns are first copied into zero-padded scratch rows (padded_row) that all channels
+// of the group share, so the vector loops need no bounds checks and any stride and dilation reads
+// contiguously. The rows of the weight (forward) and of grad_y (weight gradient) that a task reads,
+// one plane apart in memory, are packed side by side first too. A block of an output row is
+// accumulated in registers over all the terms of a step and written once. Each output element is
+// summed by one task in a fixed order, so results do not depend on the number of threads.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
 
-// kVectors registers along a row.
-template <typename T>
-using Block = cpu_lanes::WideLanes<T, kVectorBytes, kVectors>;
+// kParts registers along a row.
+template <typename T, int kParts = kVectors>
+using Block = cpu_lanes::WideLanes<T, kVectorBytes, kParts>;
 
 // Elements of a scratch row that whole blocks over `width` columns read, `extra` columns beyond
 // the block start included.
@@ -28,8 +29,8 @@ int64_t scratch_row_length(int64_t width, int64_t extra) {
 }
 
 // Splits `samples` x `channels` items of `item` scratch elements into steps that fit the
-// scratch: every sample and as many channels as fit, else one channel and as many whole batch
-// tiles of samples as fit.
+// scratch: every sample and as many channels as fit, else one channel and as many whole widest
+// batch tiles of samples as fit.
 template <typename T>
 void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_step,
                    int64_t* c_step) {
@@ -38,7 +39,7 @@ void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_s
     *n_step = std::max<int64_t>(1, samples);
     *c_step = std::clamp<int64_t>(fit / *n_step, 1, std::max<int64_t>(1, channels));
   } else {
-    *n_step = std::max<int64_t>(kBatchTile, fit / kBatchTile * kBatchTile);
+    *n_step = std::max<int64_t>(kAccumulators, fit / kAccumulators * kAccumulators);
     *c_step = 1;
   }
 }
@@ -55,75 +56,88 @@ void prefetch_next_rows(const T* base, const int64_t* offsets, int64_t count, in
   }
 }
 
-// acc[n] += a[a_off[t] + jb + l] * b[n][b_off[t] + jb + l] for every tap t < taps and lane l of
-// the block. a is read for a_lanes lanes (zeros after them), so that a row of the caller's tensor
-// that ends inside the block is not read past its end; b holds scratch rows padded to whole
-// blocks. a_lanes is a constant for whole blocks once inlined.
-template <int kBatch, typename T>
-REGGAN_CPU_INLINE void accumulate_taps(typename Block<T>::value* acc, const T* a,
-                                       const int64_t* a_off, const T* const* b,
-                                       const int64_t* b_off, int64_t taps, int64_t jb,
-                                       int64_t a_lanes) {
-  using L = Block<T>;
-  for (int64_t t = 0; t < taps; ++t) {
-    const typename L::value av = L::load(a + a_off[t] + jb, a_lanes);
-#pragma GCC unroll 16
-    for (int n = 0; n < kBatch; ++n) acc[n] += av * L::load(b[n] + b_off[t] + jb, L::kWidth);
+// dst + t * dst_stride = base + offsets[t] for t < count rows of `width`: the weight rows of a
+// step, one plane apart in memory, made adjacent. In place they compete for the few cache sets
+// that addresses a multiple of 4 KiB apart share, so loads from them wait on memory one
+// after another; a copy loop keeps many misses in flight, and the copy then stays cached.
+template <typename T>
+void pack_rows(T* dst, int64_t dst_stride, const T* base, const int64_t* offsets, int64_t count,
+               int64_t width) {
+  for (int64_t t = 0; t < count; ++t) {
+    std::memcpy(dst + t * dst_stride, base + offsets[t], width * sizeof(T));
   }
 }
 
-// Rows out[n][:width] for n < kBatch: the sums over the taps of a step, started from `start`
-// (a row shared by the samples, or zeros when null) on the first step and from out after it.
-template <int kBatch, typename T>
-void accumulate_rows(const T* a, const int64_t* a_off, const T* const* b, const int64_t* b_off,
-                     int64_t taps, int64_t width, int64_t a_width, const T* start, bool first,
-                     T* const* out) {
-  using L = Block<T>;
+// acc[n] += a[a_off[t] + jb + l] * b[n * b_stride + b_off[t] + jb + l] for every tap t < taps
+// and lane l of the block. a is read for a_lanes lanes (zeros after them), so that a row of the
+// caller's tensor that ends inside the block is not read past its end; b holds scratch rows padded
+// to whole blocks. a_lanes is a constant for whole blocks once inlined.
+template <int kBatch, int kParts, typename T>
+REGGAN_CPU_INLINE void accumulate_taps(typename Block<T, kParts>::value* acc, const T* a,
+                                       const int64_t* a_off, const T* b, int64_t b_stride,
+                                       const int64_t* b_off, int64_t taps, int64_t jb,
+                                       int64_t a_lanes) {
+  using L = Block<T, kParts>;
+  for (int64_t t = 0; t < taps; ++t) {
+    const typename L::value av = L::load(a + a_off[t] + jb, a_lanes);
+    const T* bt = b + b_off[t] + jb;
+#pragma GCC unroll 16
+    for (int n = 0; n < kBatch; ++n) acc[n] += av * L::load(bt + n * b_stride, L::kWidth);
+  }
+}
+
+// Rows out[n * out_stride:][:width] for n < kBatch: the sums over the taps of a step, started
+// from `start` (a row shared by the samples, or zeros when null) on the first step and from out
+// after it.
+template <int kBatch, int kParts, typename T>
+void accumulate_rows(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
+                     const int64_t* b_off, int64_t taps, int64_t width, int64_t a_width,
+                     const T* start, bool first, T* out, int64_t out_stride) {
+  using L = Block<T, kParts>;
   using V = typename L::value;
   for (int64_t jb = 0; jb < width; jb += L::kWidth) {
     const int64_t lanes = std::min<int64_t>(L::kWidth, width - jb);
     V acc[kBatch];
     const V init = first && start != nullptr ? L::load(start + jb, lanes) : V{};
-    for (int n = 0; n < kBatch; ++n) acc[n] = first ? init : L::load(out[n] + jb, lanes);
-    if (jb + L::kWidth <= a_width) {
-      accumulate_taps<kBatch>(acc, a, a_off, b, b_off, taps, jb, L::kWidth);
-    } else {
-      accumulate_taps<kBatch>(acc, a, a_off, b, b_off, taps, jb, a_width - jb);
+    for (int n = 0; n < kBatch; ++n) {
+      acc[n] = first ? init : L::load(out + n * out_stride + jb, lanes);
     }
-    for (int n = 0; n < kBatch; ++n) L::store(out[n] + jb, acc[n], lanes);
+    if (jb + L::kWidth <= a_width) {
+      accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, L::kWidth);
+    } else {
+      accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, a_width - jb);
+    }
+    for (int n = 0; n < kBatch; ++n) L::store(out + n * out_stride + jb, acc[n], lanes);
   }
 }
 
-// accumulate_rows for `count` samples, kBatchTile at a time: sample n reads b + n * b_stride and
-// writes out + n * out_stride.
-template <typename T>
+// accumulate_rows for `count` samples: sample n reads b + n * b_stride and writes
+// out + n * out_stride. Tiles of kBatch samples share each load of a (the weight, the dominant
+// stream, whose rows are too far apart to stay cached between tiles), widest first: up to
+// kAccumulators samples, so that a batch that fits is read from a once.
+template <int kBatch = kAccumulators, typename T>
 void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
                         const int64_t* b_off, int64_t taps, int64_t count, int64_t width,
                         int64_t a_width, const T* start, bool first, T* out, int64_t out_stride) {
-  const T* b_rows[kBatchTile];
-  T* out_rows[kBatchTile];
-  int64_t n0 = 0;
-  for (; n0 + kBatchTile <= count; n0 += kBatchTile) {
-    for (int n = 0; n < kBatchTile; ++n) {
-      b_rows[n] = b + (n0 + n) * b_stride;
-      out_rows[n] = out + (n0 + n) * out_stride;
-    }
-    accumulate_rows<kBatchTile>(a, a_off, b_rows, b_off, taps, width, a_width, start, first,
-                                out_rows);
+  constexpr int kParts = std::clamp(kAccumulators / kBatch, 1, kVectors);
+  for (; count >= kBatch; count -= kBatch) {
+    accumulate_rows<kBatch, kParts>(a, a_off, b, b_stride, b_off, taps, width, a_width, start,
+                                    first, out, out_stride);
+    b += kBatch * b_stride;
+    out += kBatch * out_stride;
   }
-  for (; n0 < count; ++n0) {
-    b_rows[0] = b + n0 * b_stride;
-    out_rows[0] = out + n0 * out_stride;
-    accumulate_rows<1>(a, a_off, b_rows, b_off, taps, width, a_width, start, first, out_rows);
+  if constexpr (kBatch > 1) {
+    accumulate_samples<kBatch / 2>(a, a_off, b, b_stride, b_off, taps, count, width, a_width,
+                                   start, first, out, out_stride);
   }
 }
 
-// One task per (group, output row i). The input rows of a step of samples and channels are
-// padded once into scratch and serve every output channel of the group; the weight rows of
-// (o, i), read from memory once, serve kBatchTile samples per load from cache. Input row (n, c, r)
-// is kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so
-// tap v reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) /
-// stride_w. y holds the partial sums between steps of channels.
+// One task per (group, output row i). The input rows of a step of samples and channels are padded
+// once into scratch and serve every output channel of the group; the weight rows of (o, i), read
+// from memory once and packed, serve up to kAccumulators samples per load. Input row (n, c, r) is
+// kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so tap v
+// reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) / stride_w. y
+// holds the partial sums between steps of channels.
 template <typename T>
 void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeometry& g) {
   const int64_t phases = g.stride_w;
@@ -138,6 +152,7 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   scratch_steps<T>(channel_len, g.batch, g.in_per_group(), &n_step, &c_step);
   const bool one_step = n_step >= g.batch && c_step >= g.in_per_group();
   const int64_t w_tap = g.out_plane();  // weight elements from tap to tap
+  const int64_t w_len = scratch_row_length<T>(g.out_width, 0);  // a packed weight row
   const int64_t y_sample = g.out_channels * g.out_plane();
   const int64_t work =
       g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
@@ -145,7 +160,9 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
     std::vector<T> rows(n_step * c_step * channel_len);
     std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
     std::vector<int64_t> w_off(c_step * g.kernel_h * g.kernel_w);
-    std::vector<int64_t> x_off(w_off.size());
+    std::vector<int64_t> x_off(w_off.size()), packed_off(w_off.size());
+    for (size_t t = 0; t < packed_off.size(); ++t) packed_off[t] = int64_t(t) * w_len;
+    std::vector<T> packed(w_off.size() * w_len);  // zeros past out_width
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.out_height;
@@ -191,8 +208,9 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
             if (n_begin == 0 && i + 1 < g.out_height) {
               prefetch_next_rows(w_base, w_off.data(), taps, g.out_width);
             }
-            accumulate_samples(w_base, w_off.data(), rows.data(), sample_len, x_off.data(), taps,
-                               n_count, g.out_width, g.out_width,
+            pack_rows(packed.data(), w_len, w_base, w_off.data(), taps, g.out_width);
+            accumulate_samples(packed.data(), packed_off.data(), rows.data(), sample_len,
+                               x_off.data(), taps, n_count, g.out_width, w_len,
                                bias != nullptr ? bias + (o * g.out_height + i) * g.out_width
                                                : nullptr,
                                c_begin == 0,
@@ -226,7 +244,7 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
     const int64_t max_taps = o_step * g.kernel_h * g.kernel_w;
     std::vector<T> gy_rows(n_step * o_step * channel_len), w_rows(max_taps * row_len);
     std::vector<int64_t> w_off(max_taps), gy_off(max_taps);
-    std::vector<const T*> w_src(max_taps);
+    std::vector<int64_t> w_src(max_taps);  // weight rows of input channel 0
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.in_height;
       const int64_t r = task % g.in_height;
@@ -252,16 +270,20 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
               }
               for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
                 const int64_t t = g.pad_w + (g.kernel_w - 1 - v) * g.dilation_w;
-                w_src[taps] = w + g.weight_row(first_o + o_begin + o, 0, u, v, i);
+                w_src[taps] = g.weight_row(first_o + o_begin + o, 0, u, v, i);
                 w_off[taps] = taps * row_len + t;
                 gy_off[taps] = row + t;
               }
             }
           }
           for (int64_t c = 0; c < g.in_per_group(); ++c) {
-            const int64_t w_channel = c * g.kernel_h * g.kernel_w * g.out_plane();
+            const T* w_channel = w + c * g.kernel_h * g.kernel_w * g.out_plane();
+            // With stride 1 the next input row reads the next output row of the same weights.
+            if (n_begin == 0 && r + 1 < g.in_height) {
+              prefetch_next_rows(w_channel, w_src.data(), taps, g.out_width);
+            }
             for (int64_t t = 0; t < taps; ++t) {
-              padded_row(w_rows.data() + t * row_len, w_src[t] + w_channel, g.out_width, -lead, 1,
+              padded_row(w_rows.data() + t * row_len, w_channel + w_src[t], g.out_width, -lead, 1,
                          row_len);
             }
             const int64_t ci = group * g.in_per_group() + c;
@@ -279,12 +301,49 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
   });
 }
 
+// Block L's v at p, past the caches when `stream` and p is aligned to whole registers: the
+// weight gradient, tens of MiB written once, then costs no read of each line before it is
+// written. Callers fence before the output is read (stream_fence).
+template <typename L, typename T>
+REGGAN_CPU_INLINE void store_block(T* p, const typename L::value& v, int64_t lanes, bool stream) {
+#if defined(__SSE2__)
+  if (stream && lanes == L::kWidth && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
+    constexpr int64_t kPart = kVectorBytes / sizeof(T);
+    for (int i = 0; i < int(L::kWidth / kPart); ++i) {
+      if constexpr (kVectorBytes == 64 && sizeof(T) == 4) {
+        _mm512_stream_ps(p + i * kPart, (__m512)v.r[i]);
+      } else if constexpr (kVectorBytes == 64) {
+        _mm512_stream_pd(p + i * kPart, (__m512d)v.r[i]);
+      } else if constexpr (kVectorBytes == 32 && sizeof(T) == 4) {
+        _mm256_stream_ps(p + i * kPart, (__m256)v.r[i]);
+      } else if constexpr (kVectorBytes == 32) {
+        _mm256_stream_pd(p + i * kPart, (__m256d)v.r[i]);
+      } else if constexpr (sizeof(T) == 4) {
+        _mm_stream_ps(p + i * kPart, (__m128)v.r[i]);
+      } else {
+        _mm_stream_pd(p + i * kPart, (__m128d)v.r[i]);
+      }
+    }
+    return;
+  }
+#endif
+  L::store(p, v, lanes);
+}
+
+// Orders the stores of store_block before any that follow.
+REGGAN_CPU_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // grad_w[o, c, u, v0 + t, i, jb:] for t < kTaps, summed over `count` samples in order: sample n
 // reads grad_y at gy_row + n * gy_step and its padded input row of tap v at x_rows[n * kW + v].
+// `stream`: the sums are final and written past the caches (store_block).
 template <int kTaps, typename T>
 REGGAN_CPU_INLINE void weight_taps(const T* gy_row, int64_t gy_step, const T* const* x_rows,
                                    int64_t kernel_w, int64_t v0, int64_t count, int64_t jb,
-                                   int64_t lanes, T* const* gw_rows, bool first) {
+                                   int64_t lanes, T* const* gw_rows, bool first, bool stream) {
   using L = Block<T>;
   using V = typename L::value;
   V acc[kTaps];
@@ -297,28 +356,29 @@ REGGAN_CPU_INLINE void weight_taps(const T* gy_row, int64_t gy_step, const T* co
     for (int t = 0; t < kTaps; ++t) acc[t] += gy * L::load(x[t] + jb, L::kWidth);
   }
 #pragma GCC unroll 16
-  for (int t = 0; t < kTaps; ++t) L::store(gw_rows[v0 + t] + jb, acc[t], lanes);
+  for (int t = 0; t < kTaps; ++t) store_block<L>(gw_rows[v0 + t] + jb, acc[t], lanes, stream);
 }
 
 template <typename T>
 REGGAN_CPU_INLINE void weight_block(const T* gy_row, int64_t gy_step, const T* const* x_rows,
                                     int64_t kernel_w, int64_t count, int64_t jb, int64_t lanes,
-                                    T* const* gw_rows, bool first) {
+                                    T* const* gw_rows, bool first, bool stream) {
   static_assert(kTapTile <= 4, "the remainder below covers at most 3 taps");
   int64_t v0 = 0;
   for (; v0 + kTapTile <= kernel_w; v0 += kTapTile) {
-    weight_taps<kTapTile>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows, first);
+    weight_taps<kTapTile>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows, first,
+                          stream);
   }
   switch (kernel_w - v0) {
     case 3:
       return weight_taps<3>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first);
+                            first, stream);
     case 2:
       return weight_taps<2>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first);
+                            first, stream);
     case 1:
       return weight_taps<1>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first);
+                            first, stream);
   }
 }
 
@@ -332,19 +392,26 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
+  // The grad_y rows of a step are packed too, [sample][o][column], and serve every (c, u): in
+  // place the rows of the samples sit a grad_y sample apart, often a multiple of 4 KiB, and
+  // evict each other from the few cache sets they share.
+  const int64_t gy_len = scratch_row_length<T>(g.out_width, 0);
+  const int64_t gy_step = g.out_per_group() * gy_len;
   int64_t n_step, unused;
-  scratch_steps<T>(phases * row_len, g.batch, 1, &n_step, &unused);
-  const int64_t gy_step = g.out_channels * g.out_plane();
+  scratch_steps<T>(phases * row_len + gy_step, g.batch, 1, &n_step, &unused);
   const int64_t work =
       g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
+  const bool large = g.out_channels * g.in_per_group() * g.kernel_h * g.kernel_w *
+                         g.out_plane() * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
-    std::vector<T> rows(n_step * phases * row_len);
+    std::vector<T> rows(n_step * phases * row_len), gy_rows(n_step * gy_step);
     std::vector<const T*> x_rows(n_step * g.kernel_w);
     std::vector<T*> gw_rows(g.kernel_w);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / g.out_height;
       const int64_t i = task % g.out_height;
       const int64_t c0 = group * g.in_per_group();
+      int64_t gy_packed = -1;  // the n_begin whose grad_y rows gy_rows holds, -1 if none
       for (int64_t c = 0; c < g.in_per_group(); ++c) {
         for (int64_t u = 0; u < g.kernel_h; ++u) {
           const int64_t r = g.input_row(i, u);
@@ -352,6 +419,19 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
           // At least one step, so that grad_w is written when the batch is empty.
           for (int64_t n_begin = 0; n_begin == 0 || n_begin < g.batch; n_begin += n_step) {
             const int64_t count = inside ? std::min(g.batch - n_begin, n_step) : 0;
+            const bool stream = large && (!inside || n_begin + n_step >= g.batch);
+            if (count > 0 && gy_packed != n_begin) {
+              gy_packed = n_begin;
+              for (int64_t n = 0; n < std::min(g.batch - n_begin, n_step); ++n) {
+                for (int64_t o = 0; o < g.out_per_group(); ++o) {
+                  std::memcpy(gy_rows.data() + n * gy_step + o * gy_len,
+                              grad_y + (((n_begin + n) * g.out_channels +
+                                         group * g.out_per_group() + o) * g.out_height + i) *
+                                           g.out_width,
+                              g.out_width * sizeof(T));
+                }
+              }
+            }
             for (int64_t n = 0; n < count; ++n) {
               const T* x_row =
                   x + (((n_begin + n) * g.in_channels + c0 + c) * g.in_height + r) * g.in_width;
@@ -370,16 +450,15 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
               for (int64_t v = 0; v < g.kernel_w; ++v) {
                 gw_rows[v] = grad_w + g.weight_row(o, c, u, v, i);
               }
-              const T* gy = grad_y + ((n_begin * g.out_channels + o) * g.out_height + i) *
-                                         g.out_width;
+              const T* gy = gy_rows.data() + (o - group * g.out_per_group()) * gy_len;
               for (int64_t jb = 0; jb < g.out_width; jb += L::kWidth) {
                 const int64_t lanes = std::min<int64_t>(L::kWidth, g.out_width - jb);
                 if (lanes == L::kWidth) {
                   weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, L::kWidth,
-                               gw_rows.data(), n_begin == 0);
+                               gw_rows.data(), n_begin == 0, stream);
                 } else {
                   weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, lanes,
-                               gw_rows.data(), n_begin == 0);
+                               gw_rows.data(), n_begin == 0, stream);
                 }
               }
             }
@@ -388,5 +467,6 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
         }
       }
     }
+    stream_fence();
   });
 }
