@@ -51,10 +51,24 @@ def pass_fn(impl, case, device, dtype, which):
     return lambda: torch.autograd.grad(forward(), (x, w, b), grad)
 
 
-def forward_traffic_bytes(case, dtype):
-    """Bytes the forward must move at least: read x, weight and bias once, write y once."""
+def scaled_cases(cases, batch_multiplier):
+    """The cases with every batch multiplied (and the names saying so): a GPU needs larger batches
+    than a CPU before launch overhead stops mattering."""
+    scaled = {}
+    for name, (batch, *rest) in cases.items():
+        scaled[name.replace(f"N{batch} ", f"N{batch * batch_multiplier} ", 1)] = (
+            batch * batch_multiplier, *rest)
+    return scaled
+
+
+def traffic_bytes(case, dtype, which):
+    """Bytes a pass must move at least. Forward: read x, weight and bias, write y. Backward: read
+    grad_y, x and weight, write grad_x, grad_weight and grad_bias."""
     batch, channels, size, kernel, groups = case
     plane = size * size
-    elements = (2 * batch * channels * plane + channels * (channels // groups) * kernel * kernel * plane
-                + channels * plane)
+    activations = batch * channels * plane
+    weight = channels * (channels // groups) * kernel * kernel * plane
+    bias = channels * plane
+    elements = (2 * activations + weight + bias if which == "forward"
+                else 3 * activations + 2 * weight + bias)
     return elements * torch.finfo(dtype).bits // 8

@@ -1,9 +1,11 @@
 """Times the LocalRegression kernels against the pure-PyTorch references side by side in one
 process and prints a Markdown table of ratios, with the forward's achieved bandwidth against a
 memory copy timed in the same run and the peak extra memory of each forward+backward.
+`--batch-multiplier` scales every case's batch (on a GPU, the issue's batches of 8-16 images
+take a few microseconds, so launch overhead rather than bandwidth would be measured).
 
     python benchmarks/local_regression_table.py [--device cpu|cuda] [--dtype float32|float64]
-                                                [--quick] [--json PATH]
+                                                [--batch-multiplier M] [--quick] [--json PATH]
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above what the inputs hold; on the CPU, the
 growth of the peak resident set (VmHWM) of a fresh subprocess while one forward+backward runs in
@@ -21,7 +23,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_regression_cases import (  # noqa: E402
-    CASES, IMPLEMENTATIONS, QUICK_CASES, forward_traffic_bytes, pass_fn)
+    CASES, IMPLEMENTATIONS, QUICK_CASES, pass_fn, scaled_cases, traffic_bytes)
 
 PASSES = ("forward", "backward", "forward+backward")
 
@@ -52,9 +54,10 @@ def peak_memory_cuda(impl, case, dtype):
     return torch.cuda.max_memory_allocated() - base
 
 
-def peak_memory_cpu(impl, case_name, dtype):
+def peak_memory_cpu(impl, case_name, dtype, batch_multiplier):
     out = subprocess.run(
-        [sys.executable, __file__, "--measure-rss", impl, case_name, "--dtype", dtype],
+        [sys.executable, __file__, "--measure-rss", impl, case_name, "--dtype", dtype,
+         "--batch-multiplier", str(batch_multiplier)],
         check=True, capture_output=True, text=True)
     return int(out.stdout.strip())
 
@@ -67,9 +70,9 @@ def peak_rss_bytes():
         return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
-def measure_rss(impl, case_name, dtype):
+def measure_rss(impl, case_name, dtype, batch_multiplier):
     """Child process: prints the peak-RSS growth (bytes) of one forward+backward."""
-    cases = {**CASES, **QUICK_CASES}
+    cases = scaled_cases({**CASES, **QUICK_CASES}, batch_multiplier)
     fn = pass_fn(IMPLEMENTATIONS[impl], cases[case_name], "cpu", getattr(torch, dtype),
                  "forward+backward")
     # Reset the peak to the current resident set (Linux >= 4.0), so that the growth counts from
@@ -85,19 +88,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--batch-multiplier", type=int, default=1, metavar="M",
+                        help="multiply every case's batch by M")
     parser.add_argument("--quick", action="store_true", help="one tiny case (a smoke run)")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--measure-rss", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_rss:
-        measure_rss(*args.measure_rss, args.dtype)
+        measure_rss(*args.measure_rss, args.dtype, args.batch_multiplier)
         return
     import reggan_ext
 
     if args.device == "cuda" and not (torch.cuda.is_available() and reggan_ext.cuda_built()):
         sys.exit("--device cuda needs a GPU and a CUDA build of reggan_ext")
     dtype = getattr(torch, args.dtype)
-    cases = QUICK_CASES if args.quick else CASES
+    if args.batch_multiplier < 1:
+        sys.exit(f"--batch-multiplier must be a positive integer, got {args.batch_multiplier}")
+    cases = scaled_cases(QUICK_CASES if args.quick else CASES, args.batch_multiplier)
     min_run_time = 0.05 if args.quick else 0.5
     copy_gbs = copy_bandwidth(args.device, dtype, min_run_time)
     rows = []
@@ -106,11 +113,12 @@ def main():
                                                args.device, min_run_time)
                  for impl, fn in IMPLEMENTATIONS.items() for which in PASSES}
         peak = {impl: (peak_memory_cuda(impl, case, dtype) if args.device == "cuda"
-                       else peak_memory_cpu(impl, case_name, args.dtype))
+                       else peak_memory_cpu(impl, case_name, args.dtype, args.batch_multiplier))
                 for impl in IMPLEMENTATIONS}
-        forward_gbs = forward_traffic_bytes(case, dtype) / times["kernel", "forward"] / 1e9
+        gbs = {which: traffic_bytes(case, dtype, which) / times["kernel", which] / 1e9
+               for which in ("forward", "backward")}
         rows.append(dict(case=case_name, times_ms={f"{i} {w}": t * 1e3 for (i, w), t in times.items()},
-                         forward_gbs=forward_gbs, copy_gbs=copy_gbs,
+                         forward_gbs=gbs["forward"], backward_gbs=gbs["backward"], copy_gbs=copy_gbs,
                          peak_mib={i: p / 2**20 for i, p in peak.items()}))
 
     print(f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, torch "
@@ -123,12 +131,14 @@ def main():
             k, s, u = (t[f"{impl} {which}"] for impl in IMPLEMENTATIONS)
             print(f"| {row['case']} | {which} | {k:.3f} | {s:.3f} | {u:.2f} | {s / k:.1f}x | "
                   f"{u / k:.1f}x |")
-    print("\n| case | forward GB/s (min traffic) | % of copy | peak MiB kernel / shifted / unfold |")
-    print("| --- | ---: | ---: | --- |")
+    print("\n| case | forward GB/s (min traffic) | % of copy | backward GB/s (min traffic) | "
+          "% of copy | peak MiB kernel / shifted / unfold |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         p = row["peak_mib"]
         print(f"| {row['case']} | {row['forward_gbs']:.1f} | "
-              f"{100 * row['forward_gbs'] / row['copy_gbs']:.0f}% | "
+              f"{100 * row['forward_gbs'] / row['copy_gbs']:.0f}% | {row['backward_gbs']:.1f} | "
+              f"{100 * row['backward_gbs'] / row['copy_gbs']:.0f}% | "
               f"{p['kernel']:.1f} / {p['shifted']:.1f} / {p['unfold']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
