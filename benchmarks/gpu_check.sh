@@ -51,7 +51,9 @@ step "benchmark local_regression_table (CUDA, batches x16)" \
   $py benchmarks/local_regression_table.py --device cuda --batch-multiplier 16
 step "benchmark ridge_table (CUDA)" $py benchmarks/ridge_table.py --device cuda
 if [ "${FULL_SUITE:-1}" != 0 ]; then
-  step "the rest of the tests" $py -m pytest -q -p no:cacheprovider -k "not cuda" tests
+  # The application's tests first: with a GPU present they train and synthesize on it.
+  step "the rest of the tests" $py -m pytest -q -p no:cacheprovider -k "not cuda" \
+    tests/test_reggan_app.py tests/test_reggan_evaluate.py tests
 fi
 rm -f "$report_dir/step.log"
 echo "report: $report"

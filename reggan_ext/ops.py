@@ -12,9 +12,14 @@ from reggan_ext._geometry import IntPair, Padding, explicit_padding, pair
 _ops = torch.ops.reggan_ext
 
 
+# Read once, when the package loads the library: torch.compile cannot trace the dispatcher
+# query, and the registrations never change afterwards.
+_CUDA_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("reggan_ext::local_regression", "CUDA")
+
+
 def cuda_built() -> bool:
     """Whether this build of reggan_ext has the CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("reggan_ext::local_regression", "CUDA")
+    return _CUDA_BUILT
 
 
 def check_device_supported(tensor: torch.Tensor, name: str) -> None:
