@@ -582,21 +582,31 @@ def test_inverse_trace_kernel_matches_torch_linalg(sizes, dtype, penalize_last, 
     torch.testing.assert_close(trace.double(), expected.reshape(lam.shape), rtol=tol, atol=tol)
 
 
+# d = 6 takes the CUDA thread-per-system kernels, 26 and 50 the warp-per-system ones.
+@pytest.mark.parametrize("d", [6, 26, 50])
 @pytest.mark.parametrize("device", DEVICES)
-def test_solve_kernel_info_matches_lapack(device):
-    gram, cross, lam = random_systems(2, 6, 1, 3, 5, torch.float64, "cpu")
+def test_solve_kernel_info_matches_lapack(d, device):
+    gram, cross, lam = random_systems(2, d, 2, 3, 5, torch.float64, "cpu")
     zero = torch.zeros_like(lam)
-    full_index = torch.tril_indices(6, 6)
+    full_index = torch.tril_indices(d, d)
     diagonal = [int(i) for i in ((full_index[0] == full_index[1]).nonzero().flatten())]
-    # Break the leading minor of order k + 1 of a few systems with a strongly negative pivot.
-    broken = {(0, 0, 0): 0, (0, 1, 3): 2, (1, 2, 4): 5, (1, 0, 2): 3}
+    # Break the leading minor of order k + 1 of a few systems with a strongly negative pivot:
+    # the first, a second and a first column of a pair, and the last.
+    broken = {(0, 0, 0): 0, (0, 1, 3): 2, (1, 2, 4): d - 1, (1, 0, 2): 3}
     for (g, i, j), k in broken.items():
         gram[g, diagonal[k], i, j] = -100.0
     gram, cross, zero = gram.to(device), cross.to(device), zero.to(device)
-    _, info = torch.ops.reggan_ext.ridge_solve(gram, cross, zero, True)
-    _, expected = ridge_solve_reference(gram, cross, zero, True)
+    solution, info = torch.ops.reggan_ext.ridge_solve(gram, cross, zero, True)
+    expected_solution, expected = ridge_solve_reference(gram, cross, zero, True)
     torch.testing.assert_close(info.cpu(), expected.cpu().int())
-    assert sorted(info[info > 0].tolist()) == [1, 3, 4, 6]
+    assert sorted(info[info > 0].tolist()) == [1, 3, 4, d]
+    _, trace_info = torch.ops.reggan_ext.ridge_inverse_trace(gram, zero, True)
+    torch.testing.assert_close(trace_info.cpu(), info.cpu())
+    # The systems that pass are solved as usual, and a second run gives the same bits.
+    solved = (info == 0).repeat_interleave(2, 0)[:, None].expand_as(solution)
+    torch.testing.assert_close(solution[solved], expected_solution[solved], rtol=1e-10, atol=1e-10)
+    again = torch.ops.reggan_ext.ridge_solve(gram, cross, zero, True)[0]
+    assert torch.equal(again[solved], solution[solved])
 
 
 def test_solve_kernel_nan_is_reported_not_silent():

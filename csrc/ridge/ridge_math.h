@@ -1,5 +1,6 @@
 // Math of the per-pixel ridge problems of a LocalRegression layer, shared by the CPU kernels
-// (vectorized across pixels), the CUDA kernels (a thread per pixel) and the C++ unit test.
+// (vectorized across pixels), the CUDA kernels (a thread or a warp per pixel) and the C++ unit
+// test.
 // Plain C++ with no torch headers, so that .cu files can include it.
 //
 // For output pixel p of group g the design row is z = [the taps the layer reads for p, 1 if the
@@ -177,6 +178,149 @@ REGGAN_RIDGE_HD typename Lanes::value ldlt_inverse_diagonal_sum(const typename L
       total += ci * ci * a[packed_index(i, i) * stride];
     }
   }
+  return total;
+}
+
+// The same factor, solve and inverse trace for one system shared by a team of threads (a CUDA
+// warp), on a packed lower triangle at stride 1 (shared memory). Team::phase(f) runs
+// f(lane, lanes) on every lane and then synchronizes the team: within a phase no lane reads
+// what another lane writes, so the phases below are all the synchronization there is. Code
+// outside the phases runs on every lane alike (on the GPU each lane keeps its own copy of the
+// pivots and of info).
+
+// Right-looking, two columns per step, so that each pass over the trailing triangle (the bulk
+// of the work, shared-memory bound on the GPU) applies two columns. The team copies column j of
+// the updated matrix (v_i = L[i][j] d_j) and its scaled copy (l_i = L[i][j]) into scratch, then
+// column j + 1 the same way after applying column j to it, then updates the trailing triangle
+// A[i][k] -= l_i v_k + l'_i v'_k, j + 1 < k <= i, spread evenly over the lanes in packed order.
+// The pivot test, the stored 1 / d_j and info are those of ldlt_factor; the sums come in a
+// different order, so results agree to rounding. scratch holds 4 n entries.
+template <typename T, class Team>
+REGGAN_HD int32_t ldlt_factor_team(Team& team, T* a, int n, T lam, bool penalize_last,
+                                   double eps, T* scratch) {
+  using Lanes = ScalarLanes<T>;
+  T* column0 = scratch;
+  T* scaled0 = scratch + n;
+  T* column1 = scratch + 2 * n;
+  T* scaled1 = scratch + 3 * n;
+  team.phase([&](int lane, int lanes) {
+    for (int j = lane; j < n; j += lanes) {
+      if (penalize_last || j + 1 < n) a[packed_index(j, j)] += lam;
+    }
+  });
+  T largest = 0;
+  for (int j = 0; j < n; ++j) largest = Lanes::max(largest, a[packed_index(j, j)]);
+  const T tol = largest * T(eps * double(n));
+  int32_t info = 0;
+  // 1 / d_j as ldlt_factor stores it, marking info where d_j fails.
+  const auto inverse_pivot = [&](T d, int j) {
+    const bool bad = Lanes::not_above(d, tol);
+    Lanes::mark(info, bad, j + 1);
+    return T(1) / Lanes::select(bad, T(1), d);
+  };
+  for (int j = 0; j < n; j += 2) {
+    // Each pivot is read by every lane before the phase after it ends, and written (1 / d) by
+    // lane 0 in the last phase of the step.
+    const T inverse0 = inverse_pivot(a[packed_index(j, j)], j);
+    if (j + 1 == n) {  // the last column alone
+      team.phase([&](int lane, int) {
+        if (lane == 0) a[packed_index(j, j)] = inverse0;
+      });
+      break;
+    }
+    team.phase([&](int lane, int lanes) {
+      for (int i = j + 1 + lane; i < n; i += lanes) {
+        T& entry = a[packed_index(i, j)];
+        column0[i] = entry;
+        entry *= inverse0;
+        scaled0[i] = entry;
+      }
+    });
+    const T inverse1 =
+        inverse_pivot(a[packed_index(j + 1, j + 1)] - scaled0[j + 1] * column0[j + 1], j + 1);
+    team.phase([&](int lane, int lanes) {
+      for (int i = j + 2 + lane; i < n; i += lanes) {
+        T& entry = a[packed_index(i, j + 1)];
+        entry -= scaled0[i] * column0[j + 1];
+        column1[i] = entry;
+        entry *= inverse1;
+        scaled1[i] = entry;
+      }
+    });
+    team.phase([&](int lane, int lanes) {
+      if (lane == 0) {
+        a[packed_index(j, j)] = inverse0;
+        a[packed_index(j + 1, j + 1)] = inverse1;
+      }
+      // The lane's entries of the trailing triangle, lanes apart in packed order: (i, j + 2 +
+      // offset), row i holding i - j - 1 of them.
+      int i = j + 2, offset = lane;
+      while (i < n && offset >= i - j - 1) offset -= i - j - 1, ++i;
+      while (i < n) {
+        const int k = j + 2 + offset;
+        T& entry = a[packed_index(i, k)];
+        entry -= scaled0[i] * column0[k];
+        entry -= scaled1[i] * column1[k];
+        offset += lanes;
+        while (i < n && offset >= i - j - 1) offset -= i - j - 1, ++i;
+      }
+    });
+  }
+  return info;
+}
+
+// Solves L D L^T x = b in place with the factor of ldlt_factor_team; b has stride 1 too.
+// Forward and back substitution a column of L per phase.
+template <typename T, class Team>
+REGGAN_HD void ldlt_solve_team(Team& team, const T* a, int n, T* b) {
+  for (int j = 0; j + 1 < n; ++j) {  // L z = b
+    team.phase([&](int lane, int lanes) {
+      for (int i = j + 1 + lane; i < n; i += lanes) b[i] -= a[packed_index(i, j)] * b[j];
+    });
+  }
+  team.phase([&](int lane, int lanes) {
+    for (int j = lane; j < n; j += lanes) b[j] *= a[packed_index(j, j)];
+  });
+  for (int k = n - 1; k > 0; --k) {  // L^T x = z, subtracting row k once x_k is final
+    team.phase([&](int lane, int lanes) {
+      for (int j = lane; j < k; j += lanes) b[j] -= a[packed_index(k, j)] * b[k];
+    });
+  }
+}
+
+// sum_{j < count} [(A + lam P)^-1]_jj from the factor of ldlt_factor_team, as
+// ldlt_inverse_diagonal_sum but by inverting L in place: a becomes X = L^-1 below the diagonal
+// (its unit diagonal implied; the 1 / d_i stay), and [(L D L^T)^-1]_jj = sum_i X[i][j]^2 / d_i.
+// column and row_sums hold n entries each.
+template <typename T, class Team>
+REGGAN_HD T ldlt_inverse_diagonal_sum_team(Team& team, T* a, int n, int count, T* column,
+                                           T* row_sums) {
+  // A column of X per step from the right, from the finished columns to its right:
+  // X[i][j] = -(L[i][j] + sum_{j<m<i} X[i][m] L[m][j]). Column j of L is copied out first, as
+  // the lane that owns row m overwrites L[m][j] while others still read it.
+  for (int j = n - 2; j >= 0; --j) {
+    team.phase([&](int lane, int lanes) {
+      for (int m = j + 1 + lane; m < n; m += lanes) column[m] = a[packed_index(m, j)];
+    });
+    team.phase([&](int lane, int lanes) {
+      for (int i = j + 1 + lane; i < n; i += lanes) {
+        T* row = a + packed_index(i, 0);
+        T sum = column[i];
+        for (int m = j + 1; m < i; ++m) sum += row[m] * column[m];
+        row[j] = -sum;
+      }
+    });
+  }
+  team.phase([&](int lane, int lanes) {
+    for (int i = lane; i < n; i += lanes) {
+      const T* row = a + packed_index(i, 0);
+      T sum = i < count ? T(1) : T(0);
+      for (int j = 0; j < i && j < count; ++j) sum += row[j] * row[j];
+      row_sums[i] = sum * row[i];
+    }
+  });
+  T total = 0;  // in a fixed order, whatever the number of lanes
+  for (int i = 0; i < n; ++i) total += row_sums[i];
   return total;
 }
 

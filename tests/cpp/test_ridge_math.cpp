@@ -1,9 +1,12 @@
 // Host test of the per-system ridge math that each CUDA thread runs (ridge/ridge_math.h with
 // ScalarLanes, strided storage as on the GPU): LDL^T factor and solve against a dense Gaussian
-// elimination, the positive-definiteness report, and the tap offsets of the design rows.
+// elimination, the positive-definiteness report, and the tap offsets of the design rows; and of
+// the team versions a CUDA warp runs, lane by lane, against them.
 // Returns nonzero on failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -78,6 +81,151 @@ int32_t packed_solve(const std::vector<double>& dense, const std::vector<double>
   x->assign(n, T(0));
   for (int i = 0; i < n; ++i) (*x)[i] = rhs[i * stride];
   return info;
+}
+
+// Runs each phase of the team functions lane after lane, in `order`. On the GPU the lanes of a
+// phase run in any order: a phase that read what another of its lanes writes would give
+// results that depend on the order.
+struct SerialTeam {
+  std::vector<int> order;
+  template <class Phase>
+  void phase(const Phase& f) const {
+    for (const int lane : order) f(lane, int(order.size()));
+  }
+};
+
+SerialTeam team_of(int lanes, bool reversed) {
+  SerialTeam team;
+  for (int lane = 0; lane < lanes; ++lane) team.order.push_back(lane);
+  if (reversed) std::reverse(team.order.begin(), team.order.end());
+  return team;
+}
+
+// Factor (packed) and solution of (A + lam P) x = b by the team functions.
+template <typename T>
+struct TeamResult {
+  int32_t info;
+  std::vector<T> factor, x;
+};
+
+template <typename T>
+TeamResult<T> team_solve(SerialTeam team, const std::vector<double>& dense,
+                         const std::vector<double>& b, int n, double lam, bool penalize_last) {
+  TeamResult<T> r;
+  r.factor.assign(n * (n + 1) / 2, T(-777));
+  r.x.assign(n, T(-777));
+  std::vector<T> scratch(4 * n, T(-777));
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) r.factor[packed_index(i, j)] = T(dense[i * n + j]);
+    r.x[i] = T(b[i]);
+  }
+  r.info = reggan_ext::ldlt_factor_team(team, r.factor.data(), n, T(lam), penalize_last,
+                                        std::numeric_limits<T>::epsilon(), scratch.data());
+  reggan_ext::ldlt_solve_team(team, r.factor.data(), n, r.x.data());
+  return r;
+}
+
+template <typename T>
+bool same_bits(const std::vector<T>& x, const std::vector<T>& y) {
+  return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(T)) == 0;
+}
+
+// max |x - y| / max |y|.
+template <typename T>
+double relative_error(const std::vector<T>& x, const std::vector<T>& y) {
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    err = std::fmax(err, std::fabs(double(x[i]) - double(y[i])));
+    scale = std::fmax(scale, std::fabs(double(y[i])));
+  }
+  return err / scale;
+}
+
+// The team's inverse diagonal sum on a copy of its factor.
+template <typename T>
+T team_inverse_diagonal_sum(SerialTeam team, std::vector<T> factor, int n, int count) {
+  std::vector<T> column(n, T(-777)), row_sums(n, T(-777));
+  return reggan_ext::ldlt_inverse_diagonal_sum_team(team, factor.data(), n, count,
+                                                    column.data(), row_sums.data());
+}
+
+// The team factor, solve and inverse diagonal sum against ldlt_factor, ldlt_solve and
+// ldlt_inverse_diagonal_sum: the same info, factor, solution and sum to rounding, and bit for
+// bit the same whatever the order of the lanes in a phase.
+template <typename T>
+void check_team_matches_scalar(const std::vector<double>& dense, const std::vector<double>& b,
+                               int n, double lam, bool penalize_last, double tol) {
+  std::vector<T> factor(n * (n + 1) / 2), expected;
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) factor[packed_index(i, j)] = T(dense[i * n + j]);
+  }
+  int32_t expected_info = 0;
+  reggan_ext::ldlt_factor<ScalarLanes<T>>(factor.data(), n, 1, T(lam), penalize_last,
+                                          std::numeric_limits<T>::epsilon(), expected_info);
+  packed_solve(dense, b, n, lam, penalize_last, 1, &expected);
+  const int count = penalize_last ? n : n - 1;
+  std::vector<T> scratch(n);
+  const double expected_sum = reggan_ext::ldlt_inverse_diagonal_sum<ScalarLanes<T>>(
+      factor.data(), n, 1, count, scratch.data());
+  for (const int lanes : {1, 3, 32}) {
+    const TeamResult<T> r = team_solve<T>(team_of(lanes, false), dense, b, n, lam, penalize_last);
+    const TeamResult<T> back = team_solve<T>(team_of(lanes, true), dense, b, n, lam,
+                                             penalize_last);
+    expect(r.info == expected_info, "team info", r.info);
+    expect(relative_error(r.factor, factor) <= tol, "team factor",
+           relative_error(r.factor, factor));
+    expect(relative_error(r.x, expected) <= tol, "team solution", relative_error(r.x, expected));
+    for (const T v : r.x) expect(std::isfinite(double(v)), "finite team solution");
+    expect(back.info == r.info && same_bits(back.factor, r.factor) && same_bits(back.x, r.x),
+           "team result independent of the lane order", lanes);
+    const T sum = team_inverse_diagonal_sum(team_of(lanes, false), r.factor, n, count);
+    const T back_sum = team_inverse_diagonal_sum(team_of(lanes, true), back.factor, n, count);
+    expect(std::fabs(sum - expected_sum) <= tol * std::fabs(expected_sum),
+           "team inverse diagonal sum", (sum - expected_sum) / expected_sum);
+    expect(std::memcmp(&sum, &back_sum, sizeof(T)) == 0,
+           "team inverse diagonal sum independent of the lane order", lanes);
+  }
+}
+
+void test_team_matches_scalar() {
+  std::mt19937 rng(4);
+  std::normal_distribution<double> normal;
+  for (const int n : {1, 2, 3, 5, 17, 26, 33, 50, 65}) {
+    for (const bool penalize_last : {true, false}) {
+      const std::vector<double> a = random_spd(n, rng);
+      std::vector<double> b(n);
+      for (double& v : b) v = normal(rng);
+      check_team_matches_scalar<double>(a, b, n, 0.3, penalize_last, 1e-12);
+      check_team_matches_scalar<float>(a, b, n, 0.3, penalize_last, 1e-4);
+    }
+  }
+}
+
+// Systems that fail: info and the finite replacement pivots as in ldlt_factor.
+void test_team_info_matches_scalar() {
+  std::mt19937 rng(5);
+  const int n = 20;
+  const std::vector<double> b(n, 1.0);
+  for (const int k : {0, 1, 7, 19}) {
+    std::vector<double> a = random_spd(n, rng);
+    a[k * n + k] = -5;
+    check_team_matches_scalar<double>(a, b, n, 0.0, true, 1e-12);
+    check_team_matches_scalar<float>(a, b, n, 0.0, true, 1e-4);
+  }
+  std::vector<double> a = random_spd(n, rng);
+  for (int i = 0; i < n; ++i) a[4 * n + i] = a[i * n + 4] = 0;  // a tap reading only padding
+  check_team_matches_scalar<double>(a, b, n, 0.0, true, 1e-12);
+  check_team_matches_scalar<double>(a, b, n, 1e-3, true, 1e-12);
+  a[n * n - 1] = 0;  // and an unpenalized bias column of zeros
+  for (int i = 0; i < n; ++i) a[(n - 1) * n + i] = a[i * n + n - 1] = 0;
+  check_team_matches_scalar<double>(a, b, n, 1.0, false, 1e-12);
+  a[0] = NAN;
+  check_team_matches_scalar<double>(a, b, n, 1.0, true, 1e-12);
+  const double eps = std::numeric_limits<double>::epsilon();
+  for (const double pivot : {0.5 * 3 * eps, 3 * eps, 4 * eps}) {
+    const std::vector<double> diagonal = {1, 0, 0, 0, pivot, 0, 0, 0, 1};
+    check_team_matches_scalar<double>(diagonal, {1, 1, 1}, 3, 0.0, true, 0);
+  }
 }
 
 void test_solve_matches_dense() {
@@ -229,6 +377,8 @@ int main() {
   test_solve_matches_dense();
   test_inverse_diagonal_sum();
   test_info_reports_first_failing_minor();
+  test_team_matches_scalar();
+  test_team_info_matches_scalar();
   if (failures == 0) std::printf("test_ridge_math: all passed\n");
   return failures == 0 ? 0 : 1;
 }

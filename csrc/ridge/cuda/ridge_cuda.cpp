@@ -61,13 +61,16 @@ std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& gram, const at::
                                               const at::Tensor& lam, bool penalize_last) {
   const SolveSizes s = check_solve_args(gram, cross, lam);
   const c10::cuda::CUDAGuard guard(gram.device());
-  // The kernel factors a copy of gram in place and solves in the solution's storage.
-  at::Tensor work = gram.clone(at::MemoryFormat::Contiguous);
+  // The kernels factor gram in shared memory, or a copy in work, and solve in the solution's
+  // storage.
+  const at::Tensor g = gram.contiguous();
+  at::Tensor work = at::empty(g.sizes(), g.options());
   at::Tensor solution = cross.clone(at::MemoryFormat::Contiguous);
   const at::Tensor shift = lam.contiguous();
   at::Tensor info = at::empty({s.groups, s.height, s.width}, gram.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_solve_cuda", [&] {
-    check_launch(launch_ridge_solve(work.mutable_data_ptr<scalar_t>(),
+    check_launch(launch_ridge_solve(g.const_data_ptr<scalar_t>(),
+                                    work.mutable_data_ptr<scalar_t>(),
                                     solution.mutable_data_ptr<scalar_t>(),
                                     shift.const_data_ptr<scalar_t>(),
                                     info.mutable_data_ptr<int32_t>(), s.groups, s.unknowns,
@@ -82,14 +85,16 @@ std::tuple<at::Tensor, at::Tensor> inverse_trace_cuda(const at::Tensor& gram,
                                                       const at::Tensor& lam, bool penalize_last) {
   const SolveSizes s = check_inverse_trace_args(gram, lam);
   const c10::cuda::CUDAGuard guard(gram.device());
-  at::Tensor work = gram.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor g = gram.contiguous();
+  at::Tensor work = at::empty(g.sizes(), g.options());
   at::Tensor scratch = at::empty({s.groups, s.unknowns, s.pixels()}, gram.options());
   const at::Tensor shift = lam.contiguous();
   at::Tensor trace = at::empty(lam.sizes(), lam.options());
   at::Tensor info = at::empty(lam.sizes(), lam.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "ridge_inverse_trace_cuda", [&] {
     check_launch(launch_ridge_inverse_trace(
-                     work.mutable_data_ptr<scalar_t>(), scratch.mutable_data_ptr<scalar_t>(),
+                     g.const_data_ptr<scalar_t>(), work.mutable_data_ptr<scalar_t>(),
+                     scratch.mutable_data_ptr<scalar_t>(),
                      shift.const_data_ptr<scalar_t>(), trace.mutable_data_ptr<scalar_t>(),
                      info.mutable_data_ptr<int32_t>(), s.groups, s.unknowns, s.pixels(),
                      penalize_last, current_stream(work)),

@@ -19,20 +19,21 @@ cudaError_t launch_ridge_accumulate(const in_t* input, const in_t* target, acc_t
                                     acc_t* cross, acc_t* target_sq, const RidgeGeometry& rg,
                                     cudaStream_t stream);
 
-// Factors work = gram (groups, D(D+1)/2, pixels) in place and overwrites solution = cross
-// (groups * out_per_group, D, pixels) with the solutions of ridge_solve; info (groups, pixels).
-// Instantiated for float and double.
+// Factors gram (groups, D(D+1)/2, pixels), in scratch work of the same size where it takes
+// one, and overwrites solution = cross (groups * out_per_group, D, pixels) with the solutions
+// of ridge_solve; info (groups, pixels). Instantiated for float and double.
 template <typename acc_t>
-cudaError_t launch_ridge_solve(acc_t* work, acc_t* solution, const acc_t* lam, int32_t* info,
-                               int64_t groups, int64_t unknowns, int64_t out_per_group,
-                               int64_t pixels, bool penalize_last, cudaStream_t stream);
+cudaError_t launch_ridge_solve(const acc_t* gram, acc_t* work, acc_t* solution,
+                               const acc_t* lam, int32_t* info, int64_t groups,
+                               int64_t unknowns, int64_t out_per_group, int64_t pixels,
+                               bool penalize_last, cudaStream_t stream);
 
-// trace (groups, pixels) of ridge_inverse_trace, factoring work = gram in place; scratch holds
-// (groups, D, pixels). Instantiated for float and double.
+// trace (groups, pixels) of ridge_inverse_trace; work (the size of gram) and scratch
+// (groups, D, pixels) as the kernels need them. Instantiated for float and double.
 template <typename acc_t>
-cudaError_t launch_ridge_inverse_trace(acc_t* work, acc_t* scratch, const acc_t* lam,
-                                       acc_t* trace, int32_t* info, int64_t groups,
-                                       int64_t unknowns, int64_t pixels, bool penalize_last,
-                                       cudaStream_t stream);
+cudaError_t launch_ridge_inverse_trace(const acc_t* gram, acc_t* work, acc_t* scratch,
+                                       const acc_t* lam, acc_t* trace, int32_t* info,
+                                       int64_t groups, int64_t unknowns, int64_t pixels,
+                                       bool penalize_last, cudaStream_t stream);
 
 }  // namespace reggan_ext
