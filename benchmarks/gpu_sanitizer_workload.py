@@ -14,12 +14,17 @@ def main():
                                                device="cuda", dtype=dtype)
             x = torch.randn(3, 3, *size, device="cuda", dtype=dtype, requires_grad=True)
             layer(x).float().square().sum().backward()
+    # k = 3 (10 unknowns) takes the thread-per-system solve, k = 5 and 7 the warp-per-system one;
+    # GCV adds the inverse-trace kernels.
     for dtype in (torch.float32, torch.float64):
-        layer = reggan_ext.LocalRegression(3, 3, 3, (13, 17), padding=1, groups=3, device="cuda")
-        x = torch.rand(5, 3, 13, 17, device="cuda")
-        fitter = reggan_ext.RidgeFitter(layer, dtype=dtype)
-        fitter.update(x, x.flip(-1))
-        fitter.solve(0.4)
+        for kernel in (3, 5, 7):
+            layer = reggan_ext.LocalRegression(3, 3, kernel, (13, 17), padding="same", groups=3,
+                                               device="cuda")
+            x = torch.rand(5, 3, 13, 17, device="cuda")
+            fitter = reggan_ext.RidgeFitter(layer, dtype=dtype)
+            fitter.update(x, x.flip(-1))
+            fitter.solve(0.4)
+            fitter.solve([0.1, 1.0], select="gcv")
     torch.cuda.synchronize()
     print("ok")
 
