@@ -1,16 +1,26 @@
 // Per-thread work of the CUDA local_regression kernels as __host__ __device__ functions, so that
 // a C++ test runs the exact index math of every thread on the CPU. A thread is named by a flat
-// index e in [0, *_threads(g)); *_thread(e) decodes it and computes the elements it owns:
+// index e in [0, *_threads(g)); *_thread<kUnitColumns>(e) decodes it and computes the elements
+// it owns (kUnitColumns: see unit_columns):
 //
-//   forward          (o, i, batch tile, j): y[n, o, i, j] for the n of one batch tile. Each
-//                    weight is loaded once per tile and applied to kForwardTile images.
-//   backward_input   (ci, r, batch tile, s): grad_x[n, ci, r, s] for the n of one batch tile,
-//                    gathered over the (o, u, v) whose window reads (r, s); no scatter.
-//   backward_weight  (o, c, u, i, j): grad_w[o, c, u, v, i, j] for every v, each summed over the
-//                    batch in order by this one thread; grad_y[:, o, i, j] is held in registers.
+//   forward          (o, i, batch tile, j block): y[n, o, i, j] for the n of one batch tile
+//                    (BatchTiles::batch_tile images) and the kColumns adjacent j of one block.
+//                    Each weight is loaded once per tile and applied to all its images.
+//   backward_input   (ci, r, batch tile, s block): grad_x[n, ci, r, s] for the n of one batch
+//                    tile and the kColumns adjacent s of one block, gathered over the (o, u, v)
+//                    whose window reads (r, s); no scatter.
+//   backward_weight  (o, c, u, i, j block): grad_w[o, c, u, v, i, j] for every v and the
+//                    kColumns adjacent j of one block, each summed over the batch in order by
+//                    this one thread.
 //
-// j (or s) is the fastest index, so a warp reads and writes contiguous columns. Every output
-// element is written by exactly one thread, with a fixed summation order: results are
+// Register blocking: the threads take kernel columns kTapColumns at a time, so that one row of
+// kColumns outputs by kTapColumns taps needs kColumns * kTapColumns weights (loaded once per
+// batch tile) and, when stride_w and dilation_w are 1 (RegGAN's layers), only
+// kColumns + kTapColumns - 1 input (or grad_output) columns per image: adjacent outputs share
+// them. Other strides and dilations load each of the kColumns * kTapColumns values.
+//
+// The j (or s) blocks are the fastest index, so a warp reads and writes adjacent columns. Every
+// output element is written by exactly one thread, with a fixed summation order: results are
 // deterministic and need no atomics. Sums run in float for float/half/bfloat16 and in double for
 // double. index_t is int64_t, or int32_t when fits_int32(g) (the kernels' fast path).
 #pragma once
@@ -29,14 +39,23 @@
 
 namespace reggan_ext {
 
-// Images per thread in the forward and backward_input kernels, and the batch size up to which
-// backward_weight keeps grad_y in registers.
-constexpr int kForwardTile = 8;
-constexpr int kBackwardInputTile = 8;
-constexpr int kBackwardWeightTile = 16;
-// Kernel taps whose weights the forward and backward_input threads load before using any, so
-// that each thread keeps several reads of the weight stream in flight.
-constexpr int kTapChunk = 8;
+// Adjacent output (or, in backward_input, input) columns per thread, and kernel columns per step.
+constexpr int kColumns = 4;
+constexpr int kTapColumns = 4;
+
+// Images per thread in the forward and backward_input kernels (batch_tile), and images whose
+// values backward_weight loads per step before summing them (weight_step). double takes half as
+// many, as each value needs two registers.
+template <typename scalar_t>
+struct BatchTiles {
+  static constexpr int batch_tile = 8;
+  static constexpr int weight_step = 4;
+};
+template <>
+struct BatchTiles<double> {
+  static constexpr int batch_tile = 4;
+  static constexpr int weight_step = 2;
+};
 
 template <typename scalar_t>
 struct Accumulate {
@@ -64,7 +83,8 @@ REGGAN_HD void store_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v
 REGGAN_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether every offset and coordinate the thread functions form fits in int32_t. Coordinates
-// stay within the padded input and offsets within one tensor; the cursors of the tap loops run
+// stay within the padded input (give or take kColumns + kTapColumns) and offsets within one
+// tensor; the cursors of the tap loops run
 // up to one channel or kernel past the end, hence the factor 2 of headroom.
 REGGAN_HD bool fits_int32(const LocalGeometry& g) {
   const int64_t limit = INT32_MAX / 2;
@@ -109,117 +129,189 @@ struct TapWalker {
   }
 };
 
-// ---------------------------------------------------------------------------------------------
-// Forward: y[n0 + t, o, i, j] for t < min(kForwardTile, batch - n0).
+// Whether stride_w and dilation_w are 1, so that adjacent outputs share input columns. The thread
+// functions have a specialisation for this case (kUnitColumns true), which the launchers pick
+// by this test; the general one (false) is correct for every geometry.
+REGGAN_HD bool unit_columns(const LocalGeometry& g) { return g.stride_w == 1 && g.dilation_w == 1; }
 
-REGGAN_HD int64_t forward_threads(const LocalGeometry& g) {
-  return g.out_channels * g.out_height * ceil_div(g.batch, kForwardTile) * g.out_width;
+template <typename index_t>
+REGGAN_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
+
+// value[vv][jj] = row[col + jj * stride + vv * dilation] for jj < columns and vv < taps, and 0
+// outside [0, width) (zero padding) or past columns or taps. With kUnitColumns (stride and
+// dilation 1) these are the kColumns + kTapColumns - 1 consecutive columns from col, each loaded
+// once.
+template <bool kUnitColumns, typename scalar_t, typename index_t>
+REGGAN_HD void load_row_window(const scalar_t* __restrict__ row, index_t col, index_t width,
+                               index_t stride, index_t dilation, index_t columns, index_t taps,
+                               acc_type<scalar_t> (&value)[kTapColumns][kColumns]) {
+  using acc_t = acc_type<scalar_t>;
+  if (kUnitColumns) {
+    acc_t line[kColumns + kTapColumns - 1];
+    REGGAN_UNROLL
+    for (int k = 0; k < kColumns + kTapColumns - 1; ++k) {
+      const index_t at = col + k;
+      line[k] = k < columns + taps - 1 && at >= 0 && at < width ? to_acc(row[at]) : acc_t(0);
+    }
+    REGGAN_UNROLL
+    for (int vv = 0; vv < kTapColumns; ++vv) {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kColumns; ++jj) value[vv][jj] = line[jj + vv];
+    }
+  } else {
+    REGGAN_UNROLL
+    for (int vv = 0; vv < kTapColumns; ++vv) {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kColumns; ++jj) {
+        // Columns past `columns` may lie far past the row: their position is not formed.
+        const bool used = vv < taps && jj < columns;
+        const index_t at = used ? col + jj * stride + vv * dilation : index_t(-1);
+        value[vv][jj] = at >= 0 && at < width ? to_acc(row[at]) : acc_t(0);
+      }
+    }
+  }
 }
 
-template <typename scalar_t, typename index_t>
+// ---------------------------------------------------------------------------------------------
+// Forward: y[n0 + t, o, i, j0 + jj] for t < min(batch_tile, batch - n0) and
+// jj < min(kColumns, out_width - j0).
+
+template <typename scalar_t>
+REGGAN_HD int64_t forward_threads(const LocalGeometry& g) {
+  return g.out_channels * g.out_height * ceil_div(g.batch, BatchTiles<scalar_t>::batch_tile) *
+         ceil_div(g.out_width, kColumns);
+}
+
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                                const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                                const LocalGeometry& g, index_t n0, index_t o, index_t i,
-                               index_t j) {
+                               index_t j0) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
   const index_t in_h = g.in_height, in_w = g.in_width;
   const index_t in_plane = in_h * in_w;
   const index_t x_batch = static_cast<index_t>(g.in_channels) * in_plane;
+  const index_t out_w = g.out_width;
   const index_t out_plane = static_cast<index_t>(g.out_plane());
   const index_t y_batch = static_cast<index_t>(g.out_channels) * out_plane;
-  const index_t pixel = i * static_cast<index_t>(g.out_width) + j;
+  const index_t pixel = i * out_w + j0;
   const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
-  const index_t dilation_h = g.dilation_h, dilation_w = g.dilation_w;
-  const index_t taps = static_cast<index_t>(g.in_per_group()) * kernel_h * kernel_w;
-  const index_t count = static_cast<index_t>(g.batch) - n0 < kForwardTile
-                            ? static_cast<index_t>(g.batch) - n0
-                            : index_t(kForwardTile);
+  const index_t stride_w = g.stride_w, dilation_h = g.dilation_h, dilation_w = g.dilation_w;
+  const index_t in_per_group = g.in_per_group();
+  const index_t columns = min_index(out_w - j0, index_t(kColumns));
+  const index_t count = min_index(static_cast<index_t>(g.batch) - n0, index_t(kTile));
 
   // Offsets of the tile's images; a tile past the end of the batch repeats its last image, so
   // that the inner loops need no predicates (those sums are computed but not stored).
-  index_t image[kForwardTile];
-  acc_t acc[kForwardTile];
-  const acc_t b = bias != nullptr ? to_acc(bias[o * out_plane + pixel]) : acc_t(0);
+  index_t image[kTile];
+  acc_t acc[kTile][kColumns];
+  acc_t b[kColumns];
   REGGAN_UNROLL
-  for (int t = 0; t < kForwardTile; ++t) {
+  for (int jj = 0; jj < kColumns; ++jj) {
+    b[jj] = bias != nullptr && jj < columns ? to_acc(bias[o * out_plane + pixel + jj]) : acc_t(0);
+  }
+  REGGAN_UNROLL
+  for (int t = 0; t < kTile; ++t) {
     image[t] = (t < count ? t : count - 1) * x_batch;
-    acc[t] = b;
+    REGGAN_UNROLL
+    for (int jj = 0; jj < kColumns; ++jj) acc[t][jj] = b[jj];
   }
 
-  // weight[o, c, u, v, i, j] over the taps (c, u, v) of o: one output plane apart.
-  const index_t w_o = o * taps * out_plane + pixel;
   const index_t row0 = i * static_cast<index_t>(g.stride_h) - static_cast<index_t>(g.pad_h);
-  const index_t col0 = j * static_cast<index_t>(g.stride_w) - static_cast<index_t>(g.pad_w);
-  // Cursor of the next tap: its kernel column v and row u, input row and column, and the offset
-  // of its input channel's plane in image n0.
-  index_t u = 0, v = 0, row = row0, col = col0;
+  const index_t col0 = j0 * stride_w - static_cast<index_t>(g.pad_w);
+  // weight[o, c, u, v, i, j0] for the current (c, u) and v = 0: the v are one plane apart.
+  index_t w_row = o * in_per_group * kernel_h * kernel_w * out_plane + pixel;
+  // Offset of input channel c's plane in image n0.
   index_t channel = n0 * x_batch + static_cast<index_t>(g.first_input_channel(o)) * in_plane;
-  for (index_t tap0 = 0; tap0 < taps; tap0 += kTapChunk) {
-    acc_t weight[kTapChunk];
-    index_t offset[kTapChunk];
-    bool valid[kTapChunk];
-    REGGAN_UNROLL
-    for (int q = 0; q < kTapChunk; ++q) {
-      const bool in_kernel = tap0 + q < taps;
-      valid[q] = in_kernel && row >= 0 && row < in_h && col >= 0 && col < in_w;
-      weight[q] = in_kernel ? to_acc(w[w_o + (tap0 + q) * out_plane]) : acc_t(0);
-      offset[q] = valid[q] ? channel + row * in_w + col : index_t(0);
-      col += dilation_w;
-      if (++v == kernel_w) {
-        v = 0;
-        col = col0;
-        row += dilation_h;
-        if (++u == kernel_h) {
-          u = 0;
-          row = row0;
-          channel += in_plane;
+  for (index_t c = 0; c < in_per_group; ++c, channel += in_plane) {
+    for (index_t u = 0; u < kernel_h; ++u, w_row += kernel_w * out_plane) {
+      const index_t row = row0 + u * dilation_h;
+      if (row < 0 || row >= in_h) continue;
+      const scalar_t* x_row = x + (channel + row * in_w);
+      for (index_t v0 = 0; v0 < kernel_w; v0 += kTapColumns) {
+        const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));
+        acc_t weight[kTapColumns][kColumns];
+        REGGAN_UNROLL
+        for (int vv = 0; vv < kTapColumns; ++vv) {
+          REGGAN_UNROLL
+          for (int jj = 0; jj < kColumns; ++jj) {
+            weight[vv][jj] = vv < taps && jj < columns
+                                 ? to_acc(w[w_row + (v0 + vv) * out_plane + jj])
+                                 : acc_t(0);
+          }
         }
-      }
-    }
-    REGGAN_UNROLL
-    for (int q = 0; q < kTapChunk; ++q) {
-      if (!valid[q]) continue;
-      REGGAN_UNROLL
-      for (int t = 0; t < kForwardTile; ++t) {
-        acc[t] += weight[q] * to_acc(x[offset[q] + image[t]]);
+        REGGAN_UNROLL
+        for (int t = 0; t < kTile; ++t) {
+          acc_t value[kTapColumns][kColumns];
+          load_row_window<kUnitColumns>(x_row + image[t], col0 + v0 * dilation_w, in_w, stride_w,
+                                        dilation_w, columns, taps, value);
+          REGGAN_UNROLL
+          for (int vv = 0; vv < kTapColumns; ++vv) {
+            if (vv >= taps) break;
+            REGGAN_UNROLL
+            for (int jj = 0; jj < kColumns; ++jj) acc[t][jj] += weight[vv][jj] * value[vv][jj];
+          }
+        }
       }
     }
   }
   scalar_t* y_out = y + (n0 * y_batch + o * out_plane + pixel);
   REGGAN_UNROLL
-  for (int t = 0; t < kForwardTile; ++t) {
-    if (t < count) store_acc(y_out + t * y_batch, acc[t]);
+  for (int t = 0; t < kTile; ++t) {
+    REGGAN_UNROLL
+    for (int jj = 0; jj < kColumns; ++jj) {
+      if (t < count && jj < columns) store_acc(y_out + (t * y_batch + jj), acc[t][jj]);
+    }
   }
 }
 
-template <typename scalar_t, typename index_t>
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                               const LocalGeometry& g, index_t e) {
-  const index_t width = g.out_width, height = g.out_height;
-  const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kForwardTile));
-  const index_t j = e % width;
-  e /= width;
+  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
+  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kColumns));
+  const index_t height = g.out_height;
+  const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kTile));
+  const index_t block = e % blocks;
+  e /= blocks;
   const index_t tile = e % tiles;
   e /= tiles;
   const index_t i = e % height;
   const index_t o = e / height;
-  forward_outputs(x, w, bias, y, g, tile * kForwardTile, o, i, j);
+  forward_outputs<kUnitColumns>(x, w, bias, y, g, tile * kTile, o, i, block * kColumns);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward input: grad_x[n0 + t, ci, r, s] for t < min(kBackwardInputTile, batch - n0).
+// Backward input: grad_x[n0 + t, ci, r, s0 + ss] for t < min(batch_tile, batch - n0) and
+// ss < min(kColumns, in_width - s0).
 
+template <typename scalar_t>
 REGGAN_HD int64_t backward_input_threads(const LocalGeometry& g) {
-  return g.in_channels * g.in_height * ceil_div(g.batch, kBackwardInputTile) * g.in_width;
+  return g.in_channels * g.in_height * ceil_div(g.batch, BatchTiles<scalar_t>::batch_tile) *
+         ceil_div(g.in_width, kColumns);
 }
 
-template <typename scalar_t, typename index_t>
+// The output column whose window reads input column s through kernel column v, or -1 if none.
+// With kUnitColumns (stride and dilation 1) this needs no division.
+template <bool kUnitColumns, typename index_t>
+REGGAN_HD index_t output_column(index_t s, index_t v, index_t pad, index_t stride,
+                                index_t dilation, index_t out_size) {
+  const index_t shifted = s + pad - v * dilation;
+  if (kUnitColumns) return shifted >= 0 && shifted < out_size ? shifted : index_t(-1);
+  if (shifted < 0 || shifted % stride != 0) return -1;
+  return shifted / stride < out_size ? shifted / stride : index_t(-1);
+}
+
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
                                        const scalar_t* __restrict__ w,
                                        scalar_t* __restrict__ grad_x, const LocalGeometry& g,
-                                       index_t n0, index_t ci, index_t r, index_t s) {
+                                       index_t n0, index_t ci, index_t r, index_t s0) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
+  const index_t in_w = g.in_width;
   const index_t in_plane = static_cast<index_t>(g.in_plane());
   const index_t x_batch = static_cast<index_t>(g.in_channels) * in_plane;
   const index_t out_h = g.out_height, out_w = g.out_width;
@@ -228,177 +320,226 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
   const index_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
   const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
   const index_t kernel_plane = kernel_h * kernel_w * out_plane;
-  const index_t taps = out_per_group * kernel_h * kernel_w;
-  const index_t count = static_cast<index_t>(g.batch) - n0 < kBackwardInputTile
-                            ? static_cast<index_t>(g.batch) - n0
-                            : index_t(kBackwardInputTile);
+  const index_t pad_w = g.pad_w, stride_w = g.stride_w, dilation_w = g.dilation_w;
+  const index_t columns = min_index(in_w - s0, index_t(kColumns));
+  const index_t count = min_index(static_cast<index_t>(g.batch) - n0, index_t(kTile));
   const index_t group = ci / in_per_group;
   const index_t c = ci - group * in_per_group;
 
   // As in forward_outputs, a short tile repeats its last image instead of predicating.
-  index_t image[kBackwardInputTile];
-  acc_t acc[kBackwardInputTile];
+  index_t image[kTile];
+  acc_t acc[kTile][kColumns];
   REGGAN_UNROLL
-  for (int t = 0; t < kBackwardInputTile; ++t) {
+  for (int t = 0; t < kTile; ++t) {
     image[t] = (t < count ? t : count - 1) * y_batch;
-    acc[t] = acc_t(0);
+    REGGAN_UNROLL
+    for (int ss = 0; ss < kColumns; ++ss) acc[t][ss] = acc_t(0);
   }
 
   const TapWalker<index_t> rows(r, g.pad_h, g.stride_h, g.dilation_h);
-  const TapWalker<index_t> cols(s, g.pad_w, g.stride_w, g.dilation_w);
-  // Cursor of the next tap (o, u, v): the output pixel (i, j) that reads (r, s) through it comes
-  // from the walkers; w_oc and gy_o are the offsets of weight[o, c] and grad_y[n0, o].
   const index_t o0 = group * out_per_group;
-  index_t u = 0, v = 0;
-  TapWalker<index_t> row_tap = rows, col_tap = cols;
+  // Offsets of weight[o, c] and grad_y[n0, o] for the current o.
   index_t w_oc = (o0 * in_per_group + c) * kernel_plane;
   index_t gy_o = n0 * y_batch + o0 * out_plane;
-  for (index_t tap0 = 0; tap0 < taps; tap0 += kTapChunk) {
-    acc_t weight[kTapChunk];
-    index_t offset[kTapChunk];
-    bool valid[kTapChunk];
-    REGGAN_UNROLL
-    for (int q = 0; q < kTapChunk; ++q) {
-      const index_t i = row_tap.output(out_h), j = col_tap.output(out_w);
-      valid[q] = tap0 + q < taps && i >= 0 && j >= 0;
-      const index_t pixel = i * out_w + j;
-      weight[q] = valid[q] ? to_acc(w[w_oc + (u * kernel_w + v) * out_plane + pixel]) : acc_t(0);
-      offset[q] = valid[q] ? gy_o + pixel : index_t(0);
-      col_tap.next();
-      if (++v == kernel_w) {
-        v = 0;
-        col_tap = cols;
-        row_tap.next();
-        if (++u == kernel_h) {
-          u = 0;
-          row_tap = rows;
-          w_oc += in_per_group * kernel_plane;
-          gy_o += out_plane;
+  for (index_t o = 0; o < out_per_group;
+       ++o, w_oc += in_per_group * kernel_plane, gy_o += out_plane) {
+    TapWalker<index_t> row_tap = rows;
+    for (index_t u = 0; u < kernel_h; ++u, row_tap.next()) {
+      const index_t i = row_tap.output(out_h);
+      if (i < 0) continue;
+      // weight[o, c, u, v, i, 0] for v = 0 (the v are one plane apart), and grad_y[n0, o, i, 0].
+      const index_t w_row = w_oc + u * kernel_w * out_plane + i * out_w;
+      const scalar_t* gy_row = grad_y + (gy_o + i * out_w);
+      for (index_t v0 = 0; v0 < kernel_w; v0 += kTapColumns) {
+        const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));
+        // Output column j[vv][ss] that reads input column s0 + ss through kernel column v0 + vv
+        // (-1 for none, or past the columns and taps), and its weight.
+        index_t j[kTapColumns][kColumns];
+        acc_t weight[kTapColumns][kColumns];
+        REGGAN_UNROLL
+        for (int vv = 0; vv < kTapColumns; ++vv) {
+          REGGAN_UNROLL
+          for (int ss = 0; ss < kColumns; ++ss) {
+            j[vv][ss] = vv < taps && ss < columns
+                            ? output_column<kUnitColumns>(s0 + ss, v0 + vv, pad_w, stride_w,
+                                                          dilation_w, out_w)
+                            : index_t(-1);
+            weight[vv][ss] =
+                j[vv][ss] >= 0 ? to_acc(w[w_row + (v0 + vv) * out_plane + j[vv][ss]]) : acc_t(0);
+          }
+        }
+        REGGAN_UNROLL
+        for (int t = 0; t < kTile; ++t) {
+          acc_t value[kTapColumns][kColumns];
+          if (kUnitColumns) {
+            // j[vv][ss] = first + ss - vv + kTapColumns - 1: one line of grad_y columns.
+            const index_t first = s0 + pad_w - v0 - (kTapColumns - 1);
+            acc_t line[kColumns + kTapColumns - 1];
+            REGGAN_UNROLL
+            for (int k = 0; k < kColumns + kTapColumns - 1; ++k) {
+              const index_t at = first + k;
+              line[k] = k >= kTapColumns - taps && at >= 0 && at < out_w
+                            ? to_acc(gy_row[image[t] + at])
+                            : acc_t(0);
+            }
+            REGGAN_UNROLL
+            for (int vv = 0; vv < kTapColumns; ++vv) {
+              REGGAN_UNROLL
+              for (int ss = 0; ss < kColumns; ++ss) {
+                value[vv][ss] = line[ss - vv + kTapColumns - 1];
+              }
+            }
+          } else {
+            REGGAN_UNROLL
+            for (int vv = 0; vv < kTapColumns; ++vv) {
+              REGGAN_UNROLL
+              for (int ss = 0; ss < kColumns; ++ss) {
+                value[vv][ss] = j[vv][ss] >= 0 ? to_acc(gy_row[image[t] + j[vv][ss]]) : acc_t(0);
+              }
+            }
+          }
+          REGGAN_UNROLL
+          for (int vv = 0; vv < kTapColumns; ++vv) {
+            if (vv >= taps) break;
+            REGGAN_UNROLL
+            for (int ss = 0; ss < kColumns; ++ss) acc[t][ss] += weight[vv][ss] * value[vv][ss];
+          }
         }
       }
     }
-    REGGAN_UNROLL
-    for (int q = 0; q < kTapChunk; ++q) {
-      if (!valid[q]) continue;
-      REGGAN_UNROLL
-      for (int t = 0; t < kBackwardInputTile; ++t) {
-        acc[t] += weight[q] * to_acc(grad_y[offset[q] + image[t]]);
-      }
-    }
   }
-  scalar_t* gx_out =
-      grad_x + (n0 * x_batch + ci * in_plane + r * static_cast<index_t>(g.in_width) + s);
+  scalar_t* gx_out = grad_x + (n0 * x_batch + ci * in_plane + r * in_w + s0);
   REGGAN_UNROLL
-  for (int t = 0; t < kBackwardInputTile; ++t) {
-    if (t < count) store_acc(gx_out + t * x_batch, acc[t]);
+  for (int t = 0; t < kTile; ++t) {
+    REGGAN_UNROLL
+    for (int ss = 0; ss < kColumns; ++ss) {
+      if (t < count && ss < columns) store_acc(gx_out + (t * x_batch + ss), acc[t][ss]);
+    }
   }
 }
 
-template <typename scalar_t, typename index_t>
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_input_thread(const scalar_t* __restrict__ grad_y,
                                      const scalar_t* __restrict__ w,
                                      scalar_t* __restrict__ grad_x, const LocalGeometry& g,
                                      index_t e) {
-  const index_t width = g.in_width, height = g.in_height;
-  const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kBackwardInputTile));
-  const index_t s = e % width;
-  e /= width;
+  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
+  const index_t blocks = static_cast<index_t>(ceil_div(g.in_width, kColumns));
+  const index_t height = g.in_height;
+  const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kTile));
+  const index_t block = e % blocks;
+  e /= blocks;
   const index_t tile = e % tiles;
   e /= tiles;
   const index_t r = e % height;
   const index_t ci = e / height;
-  backward_input_elements(grad_y, w, grad_x, g, tile * kBackwardInputTile, ci, r, s);
+  backward_input_elements<kUnitColumns>(grad_y, w, grad_x, g, tile * kTile, ci, r,
+                                        block * kColumns);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward weight: grad_w[o, c, u, v, i, j] = sum over n (in order) of
-// grad_y[n, o, i, j] * x[n, c0 + c, row(i, u), col(j, v)], for every v.
+// Backward weight: grad_w[o, c, u, v, i, j0 + jj] = sum over n (in order) of
+// grad_y[n, o, i, j0 + jj] * x[n, c0 + c, row(i, u), col(j0 + jj, v)], for every v and
+// jj < min(kColumns, out_width - j0).
 
 REGGAN_HD int64_t backward_weight_threads(const LocalGeometry& g) {
-  return g.out_channels * g.in_per_group() * g.kernel_h * g.out_plane();
+  return g.out_channels * g.in_per_group() * g.kernel_h * g.out_height *
+         ceil_div(g.out_width, kColumns);
 }
 
-template <typename scalar_t, typename index_t>
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
                                         const scalar_t* __restrict__ x,
                                         scalar_t* __restrict__ grad_w, const LocalGeometry& g,
-                                        index_t o, index_t c, index_t u, index_t i, index_t j) {
+                                        index_t o, index_t c, index_t u, index_t i, index_t j0) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int kStep = BatchTiles<scalar_t>::weight_step;
   const index_t in_h = g.in_height, in_w = g.in_width;
   const index_t in_plane = in_h * in_w;
   const index_t x_batch = static_cast<index_t>(g.in_channels) * in_plane;
+  const index_t out_w = g.out_width;
   const index_t out_plane = static_cast<index_t>(g.out_plane());
   const index_t y_batch = static_cast<index_t>(g.out_channels) * out_plane;
   const index_t batch = g.batch;
-  const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w, dilation_w = g.dilation_w;
+  const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
+  const index_t stride_w = g.stride_w, dilation_w = g.dilation_w;
   const index_t in_per_group = g.in_per_group();
-  const index_t pixel = i * static_cast<index_t>(g.out_width) + j;
-  // grad_w[o, c, u, v, i, j] for v = 0: the v are one output plane apart.
+  const index_t columns = min_index(out_w - j0, index_t(kColumns));
+  const index_t pixel = i * out_w + j0;
+  // grad_w[o, c, u, v, i, j0] for v = 0: the v are one output plane apart.
   const index_t gw = ((o * in_per_group + c) * kernel_h + u) * kernel_w * out_plane + pixel;
   const index_t row = i * static_cast<index_t>(g.stride_h) - static_cast<index_t>(g.pad_h) +
                       u * static_cast<index_t>(g.dilation_h);
-  if (row < 0 || row >= in_h) {
-    for (index_t v = 0; v < kernel_w; ++v) store_acc(grad_w + (gw + v * out_plane), acc_t(0));
-    return;
-  }
+  const bool row_inside = row >= 0 && row < in_h;
   const index_t x_row =
       (static_cast<index_t>(g.first_input_channel(o)) + c) * in_plane + row * in_w;
   const index_t gy = o * out_plane + pixel;
-  const index_t col0 = j * static_cast<index_t>(g.stride_w) - static_cast<index_t>(g.pad_w);
+  const index_t col0 = j0 * stride_w - static_cast<index_t>(g.pad_w);
 
-  if (batch <= kBackwardWeightTile) {
-    acc_t gy_n[kBackwardWeightTile];
+  for (index_t v0 = 0; v0 < kernel_w; v0 += kTapColumns) {
+    const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));
+    acc_t acc[kTapColumns][kColumns];
     REGGAN_UNROLL
-    for (int t = 0; t < kBackwardWeightTile; ++t) {
-      gy_n[t] = t < batch ? to_acc(grad_y[gy + t * y_batch]) : acc_t(0);
+    for (int vv = 0; vv < kTapColumns; ++vv) {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kColumns; ++jj) acc[vv][jj] = acc_t(0);
     }
-    for (index_t v = 0; v < kernel_w; ++v) {
-      const index_t col = col0 + v * dilation_w;
-      acc_t acc = 0;
-      if (col >= 0 && col < in_w) {
-        // All loads before the multiply-adds, so that they are in flight together.
-        acc_t value[kBackwardWeightTile];
+    // A row in the padding reads only zeros.
+    for (index_t n0 = 0; row_inside && n0 < batch; n0 += kStep) {
+      // All of a step's loads before its multiply-adds, so that they are in flight together. A
+      // step past the end of the batch loads its last image again and does not sum it.
+      acc_t grad[kStep][kColumns];
+      acc_t value[kStep][kTapColumns][kColumns];
+      REGGAN_UNROLL
+      for (int t = 0; t < kStep; ++t) {
+        const index_t n = n0 + t < batch ? n0 + t : batch - 1;
         REGGAN_UNROLL
-        for (int t = 0; t < kBackwardWeightTile; ++t) {
-          value[t] = t < batch ? to_acc(x[x_row + t * x_batch + col]) : acc_t(0);
+        for (int jj = 0; jj < kColumns; ++jj) {
+          grad[t][jj] = jj < columns ? to_acc(grad_y[gy + n * y_batch + jj]) : acc_t(0);
         }
+        load_row_window<kUnitColumns>(x + (x_row + n * x_batch), col0 + v0 * dilation_w, in_w,
+                                      stride_w, dilation_w, columns, taps, value[t]);
+      }
+      REGGAN_UNROLL
+      for (int t = 0; t < kStep; ++t) {
+        if (n0 + t >= batch) break;
         REGGAN_UNROLL
-        for (int t = 0; t < kBackwardWeightTile; ++t) {
-          if (t < batch) acc += gy_n[t] * value[t];
+        for (int vv = 0; vv < kTapColumns; ++vv) {
+          if (vv >= taps) break;
+          REGGAN_UNROLL
+          for (int jj = 0; jj < kColumns; ++jj) acc[vv][jj] += grad[t][jj] * value[t][vv][jj];
         }
       }
-      store_acc(grad_w + (gw + v * out_plane), acc);
     }
-  } else {
-    for (index_t v = 0; v < kernel_w; ++v) {
-      const index_t col = col0 + v * dilation_w;
-      acc_t acc = 0;
-      if (col >= 0 && col < in_w) {
-        for (index_t n = 0; n < batch; ++n) {
-          acc += to_acc(grad_y[gy + n * y_batch]) * to_acc(x[x_row + n * x_batch + col]);
+    REGGAN_UNROLL
+    for (int vv = 0; vv < kTapColumns; ++vv) {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kColumns; ++jj) {
+        if (vv < taps && jj < columns) {
+          store_acc(grad_w + (gw + (v0 + vv) * out_plane + jj), acc[vv][jj]);
         }
       }
-      store_acc(grad_w + (gw + v * out_plane), acc);
     }
   }
 }
 
-template <typename scalar_t, typename index_t>
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_weight_thread(const scalar_t* __restrict__ grad_y,
                                       const scalar_t* __restrict__ x,
                                       scalar_t* __restrict__ grad_w, const LocalGeometry& g,
                                       index_t e) {
-  const index_t width = g.out_width, height = g.out_height;
+  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kColumns));
+  const index_t height = g.out_height;
   const index_t kernel_h = g.kernel_h, in_per_group = g.in_per_group();
-  const index_t j = e % width;
-  e /= width;
+  const index_t block = e % blocks;
+  e /= blocks;
   const index_t i = e % height;
   e /= height;
   const index_t u = e % kernel_h;
   e /= kernel_h;
   const index_t c = e % in_per_group;
   const index_t o = e / in_per_group;
-  backward_weight_elements(grad_y, x, grad_w, g, o, c, u, i, j);
+  backward_weight_elements<kUnitColumns>(grad_y, x, grad_w, g, o, c, u, i, block * kColumns);
 }
 
 }  // namespace reggan_ext

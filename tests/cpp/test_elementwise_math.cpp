@@ -1,16 +1,20 @@
 // The per-thread functions of the CUDA kernels (local_regression_elementwise.h), run on the host
 // for every thread index of a launch, against the CPU ops called through the dispatcher. This
-// checks the CUDA index math without a GPU:
-//   - values, in float64 and float32, with 32- and 64-bit indices;
+// checks the CUDA index math without a GPU, for the kernels specialised for unit column steps
+// (on the geometries they are launched for) and for the general ones (on every geometry):
+//   - values, in float64 and float32 (whose batch tiles differ), with 32- and 64-bit indices;
 //   - every output element written by exactly one thread and nothing written outside the
 //     outputs (a Tracked scalar counts the writes), so the kernels cannot race;
-//   - no read outside the inputs: they sit between NaN guards, and a NaN read shows in a value.
+//   - no read outside the inputs: they sit between NaN guards, and a NaN read shows in a value
+//     or, for reads whose values are dropped (columns or images past the end), in the count of
+//     NaN reads of the Tracked scalar.
 // Also TapWalker against output_for_input.
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -20,13 +24,23 @@
 
 namespace {
 
-// A scalar that counts how often it is stored to.
+// NaN values read through Tracked scalars: the inputs hold none, their guards nothing else.
+int64_t nan_reads = 0;
+
+// A scalar that counts how often it is stored to, run with the batch tiles of Like.
+template <typename Like>
 struct Tracked {
+  explicit Tracked(double v) : value(v), writes(0) {}
   double value;
   int writes;
 };
-double to_acc(Tracked t) { return t.value; }
-void store_acc(Tracked* p, double v) {
+template <typename Like>
+double to_acc(Tracked<Like> t) {
+  if (std::isnan(t.value)) ++nan_reads;
+  return t.value;
+}
+template <typename Like>
+void store_acc(Tracked<Like>* p, double v) {
   p->value = v;
   ++p->writes;
 }
@@ -34,10 +48,12 @@ void store_acc(Tracked* p, double v) {
 }  // namespace
 
 namespace reggan_ext {
-template <>
-struct Accumulate<Tracked> {
+template <typename Like>
+struct Accumulate<Tracked<Like>> {
   using type = double;
 };
+template <typename Like>
+struct BatchTiles<Tracked<Like>> : BatchTiles<Like> {};
 }  // namespace reggan_ext
 
 namespace {
@@ -67,10 +83,6 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 template <typename T>
 T make(double v) {
   return static_cast<T>(v);
-}
-template <>
-Tracked make<Tracked>(double v) {
-  return Tracked{v, 0};
 }
 double value_of(double v) { return v; }
 double value_of(float v) { return v; }
@@ -104,7 +116,8 @@ struct Guarded {
   }
 };
 
-bool each_written_once(const Guarded<Tracked>& out) {
+template <typename Like>
+bool each_written_once(const Guarded<Tracked<Like>>& out) {
   for (int64_t k = 0; k < static_cast<int64_t>(out.data.size()); ++k) {
     const bool inside = k >= kGuard && k < kGuard + out.size;
     if (out.data[k].writes != (inside ? 1 : 0)) return false;
@@ -132,7 +145,14 @@ struct Inputs {
   std::vector<int64_t> stride, padding, dilation;
 };
 
-template <typename scalar_t, typename index_t>
+// "what (int32, unit columns)" and the like, naming the kernel variant.
+template <bool kUnitColumns, typename index_t>
+std::string variant(const char* what) {
+  return std::string(what) + (sizeof(index_t) == 8 ? " (int64, " : " (int32, ") +
+         (kUnitColumns ? "unit columns)" : "general columns)");
+}
+
+template <bool kUnitColumns, typename scalar_t, typename index_t>
 void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double tolerance) {
   const at::Tensor x = in.x.to(dtype), w = in.w.to(dtype), b = in.b.to(dtype),
                    gy = in.gy.to(dtype);
@@ -153,65 +173,91 @@ void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double t
   Guarded<scalar_t> gx(x, x.numel()), gw(w, w.numel()), gb(b, b.numel()), ggy(gy, gy.numel());
   Guarded<scalar_t> y(at::Tensor(), y_cpu.numel()), grad_x(at::Tensor(), x.numel()),
       grad_w(at::Tensor(), w.numel());
-  for (int64_t e = 0; e < reggan_ext::forward_threads(g); ++e) {
-    reggan_ext::forward_thread(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(), g, static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::forward_threads<scalar_t>(g); ++e) {
+    reggan_ext::forward_thread<kUnitColumns>(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(), g,
+                                             static_cast<index_t>(e));
   }
-  for (int64_t e = 0; e < reggan_ext::backward_input_threads(g); ++e) {
-    reggan_ext::backward_input_thread(ggy.ptr(), gw.ptr(), grad_x.ptr(), g,
-                                      static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads<scalar_t>(g); ++e) {
+    reggan_ext::backward_input_thread<kUnitColumns>(ggy.ptr(), gw.ptr(), grad_x.ptr(), g,
+                                                    static_cast<index_t>(e));
   }
   for (int64_t e = 0; e < reggan_ext::backward_weight_threads(g); ++e) {
-    reggan_ext::backward_weight_thread(ggy.ptr(), gx.ptr(), grad_w.ptr(), g,
-                                       static_cast<index_t>(e));
+    reggan_ext::backward_weight_thread<kUnitColumns>(ggy.ptr(), gx.ptr(), grad_w.ptr(), g,
+                                                     static_cast<index_t>(e));
   }
-  const bool wide = sizeof(index_t) == 8;
-  expect_close(c, wide ? "forward (int64)" : "forward (int32)", y.tensor(y_cpu.sizes()), y_cpu,
-               tolerance);
-  expect_close(c, wide ? "backward_input (int64)" : "backward_input (int32)",
+  expect_close(c, variant<kUnitColumns, index_t>("forward").c_str(), y.tensor(y_cpu.sizes()),
+               y_cpu, tolerance);
+  expect_close(c, variant<kUnitColumns, index_t>("backward_input").c_str(),
                grad_x.tensor(x.sizes()), gx_cpu, tolerance);
-  expect_close(c, wide ? "backward_weight (int64)" : "backward_weight (int32)",
+  expect_close(c, variant<kUnitColumns, index_t>("backward_weight").c_str(),
                grad_w.tensor(w.sizes()), gw_cpu, tolerance);
   if (!y.guards_intact() || !grad_x.guards_intact() || !grad_w.guards_intact()) {
-    fail(c, "guards", "a thread wrote outside its output");
+    fail(c, variant<kUnitColumns, index_t>("guards").c_str(),
+         "a thread wrote outside its output");
   }
 
   // Without bias (the nullptr path).
   Guarded<scalar_t> y_nobias(at::Tensor(), y_cpu.numel());
-  for (int64_t e = 0; e < reggan_ext::forward_threads(g); ++e) {
-    reggan_ext::forward_thread<scalar_t>(gx.ptr(), gw.ptr(), nullptr, y_nobias.ptr(), g,
-                                         static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::forward_threads<scalar_t>(g); ++e) {
+    reggan_ext::forward_thread<kUnitColumns, scalar_t>(gx.ptr(), gw.ptr(), nullptr,
+                                                       y_nobias.ptr(), g,
+                                                       static_cast<index_t>(e));
   }
   const at::Tensor y_nobias_cpu =
       op<Forward>("reggan_ext::local_regression")
           .call(x, w, std::nullopt, in.stride, in.padding, in.dilation, c.groups);
-  expect_close(c, "forward without bias", y_nobias.tensor(y_cpu.sizes()), y_nobias_cpu, tolerance);
+  expect_close(c, variant<kUnitColumns, index_t>("forward without bias").c_str(),
+               y_nobias.tensor(y_cpu.sizes()), y_nobias_cpu, tolerance);
 }
 
-// Every output element is stored exactly once over all threads, and nothing else is stored.
-template <typename index_t>
+// Every output element is stored exactly once over all threads, and nothing else is stored, with
+// the batch tiles of Like.
+template <bool kUnitColumns, typename Like, typename index_t>
 void check_writes(const Case& c, const Inputs& in) {
+  using T = Tracked<Like>;
   const LocalGeometry g = reggan_ext::check_forward_args(in.x, in.w, in.b, in.stride, in.padding,
                                                          in.dilation, c.groups);
-  Guarded<Tracked> x(in.x, in.x.numel()), w(in.w, in.w.numel()), b(in.b, in.b.numel()),
+  Guarded<T> x(in.x, in.x.numel()), w(in.w, in.w.numel()), b(in.b, in.b.numel()),
       gy(in.gy, in.gy.numel());
-  Guarded<Tracked> y(at::Tensor(), in.gy.numel()), grad_x(at::Tensor(), in.x.numel()),
+  Guarded<T> y(at::Tensor(), in.gy.numel()), grad_x(at::Tensor(), in.x.numel()),
       grad_w(at::Tensor(), in.w.numel());
-  for (int64_t e = 0; e < reggan_ext::forward_threads(g); ++e) {
-    reggan_ext::forward_thread(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g, static_cast<index_t>(e));
+  nan_reads = 0;
+  for (int64_t e = 0; e < reggan_ext::forward_threads<T>(g); ++e) {
+    reggan_ext::forward_thread<kUnitColumns>(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g,
+                                             static_cast<index_t>(e));
   }
-  for (int64_t e = 0; e < reggan_ext::backward_input_threads(g); ++e) {
-    reggan_ext::backward_input_thread(gy.ptr(), w.ptr(), grad_x.ptr(), g, static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads<T>(g); ++e) {
+    reggan_ext::backward_input_thread<kUnitColumns>(gy.ptr(), w.ptr(), grad_x.ptr(), g,
+                                                    static_cast<index_t>(e));
   }
   for (int64_t e = 0; e < reggan_ext::backward_weight_threads(g); ++e) {
-    reggan_ext::backward_weight_thread(gy.ptr(), x.ptr(), grad_w.ptr(), g, static_cast<index_t>(e));
+    reggan_ext::backward_weight_thread<kUnitColumns>(gy.ptr(), x.ptr(), grad_w.ptr(), g,
+                                                     static_cast<index_t>(e));
   }
-  if (!each_written_once(y)) fail(c, "forward writes", "an element not written exactly once");
+  if (nan_reads != 0) fail(c, variant<kUnitColumns, index_t>("reads").c_str(), "a guard read");
+  const char* detail = "an element not written exactly once";
+  if (!each_written_once(y)) {
+    fail(c, variant<kUnitColumns, index_t>("forward writes").c_str(), detail);
+  }
   if (!each_written_once(grad_x)) {
-    fail(c, "backward_input writes", "an element not written exactly once");
+    fail(c, variant<kUnitColumns, index_t>("backward_input writes").c_str(), detail);
   }
   if (!each_written_once(grad_w)) {
-    fail(c, "backward_weight writes", "an element not written exactly once");
+    fail(c, variant<kUnitColumns, index_t>("backward_weight writes").c_str(), detail);
   }
+}
+
+// Every check of one kernel variant.
+template <bool kUnitColumns>
+void check_variant(const Case& c, const Inputs& in) {
+  check_dtype<kUnitColumns, double, int32_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<kUnitColumns, double, int64_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<kUnitColumns, float, int32_t>(c, in, at::kFloat, 1e-5);
+  check_dtype<kUnitColumns, float, int64_t>(c, in, at::kFloat, 1e-5);
+  check_writes<kUnitColumns, double, int32_t>(c, in);
+  check_writes<kUnitColumns, double, int64_t>(c, in);
+  check_writes<kUnitColumns, float, int32_t>(c, in);
+  check_writes<kUnitColumns, float, int64_t>(c, in);
 }
 
 void run(const Case& c) {
@@ -228,12 +274,9 @@ void run(const Case& c) {
   in.w = at::randn({c.out_ch, c.in_ch / c.groups, c.kernel_h, c.kernel_w, out_h, out_w}, options);
   in.b = at::randn({c.out_ch, out_h, out_w}, options);
   in.gy = at::randn({c.batch, c.out_ch, out_h, out_w}, options);
-  check_dtype<double, int32_t>(c, in, at::kDouble, 1e-12);
-  check_dtype<double, int64_t>(c, in, at::kDouble, 1e-12);
-  check_dtype<float, int32_t>(c, in, at::kFloat, 1e-5);
-  check_dtype<float, int64_t>(c, in, at::kFloat, 1e-5);
-  check_writes<int32_t>(c, in);
-  check_writes<int64_t>(c, in);
+  // The general kernels are correct for every geometry, the unit ones where they are launched.
+  check_variant<false>(c, in);
+  if (c.stride_w == 1 && c.dilation_w == 1) check_variant<true>(c, in);
 }
 
 // TapWalker yields output_for_input for every tap without dividing per tap.
@@ -271,12 +314,19 @@ int main() {
       {3, 2, 4, 13, 8, 5, 3, 3, 2, 2, 1, 2, 1, 1},     // stride 3, dilation 2, 30 taps
       {1, 1, 1, 5, 17, 1, 7, 1, 3, 0, 3, 1, 2, 1},     // 1x7 kernel
       {10, 2, 2, 7, 9, 3, 3, 2, 2, 1, 1, 1, 1, 2},     // a partial second batch tile
-      {17, 3, 3, 6, 5, 3, 2, 1, 1, 1, 0, 2, 1, 3},     // batch past backward_weight's tile
+      {17, 3, 3, 6, 5, 3, 2, 1, 1, 1, 0, 2, 1, 3},     // batch 17: full batch tiles and a tail
       {3, 4, 4, 4, 12, 4, 2, 1, 2, 3, 1, 1, 3, 4},     // padding around a small image
       {2, 2, 2, 11, 10, 3, 3, 3, 3, 2, 2, 3, 3, 1},    // dilation a multiple of the stride
       {1, 2, 4, 12, 9, 3, 3, 2, 2, 0, 1, 3, 3, 2},     // dilation 3 over stride 2
       {3, 6, 3, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // groups 1, 54 taps
       {0, 2, 2, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // empty batch: grad_weight is zero
+      {5, 3, 3, 6, 13, 7, 7, 1, 1, 3, 3, 1, 1, 3},     // 'same' 7x7: two tap column steps
+      {3, 1, 1, 3, 9, 2, 9, 1, 1, 0, 4, 1, 1, 1},      // 2x9 kernel: three tap column steps
+      {1, 2, 2, 4, 2, 3, 5, 1, 1, 1, 2, 1, 1, 1},      // batch 1, 2 columns: a partial block
+      {2, 1, 2, 3, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // a single column
+      {2, 1, 1, 4, 6, 3, 3, 1, 1, 2, 5, 1, 1, 1},      // outputs that read only padding
+      {9, 2, 4, 5, 10, 3, 3, 1, 1, 1, 1, 1, 2, 2},     // unit stride, dilation_w 2
+      {4, 2, 2, 6, 15, 3, 4, 1, 2, 1, 1, 1, 1, 1},     // stride_w 2, dilation 1
   };
   for (const Case& c : cases) run(c);
   std::printf("%s: %zu geometries, %d failures\n", failures ? "FAILED" : "OK", cases.size(),
