@@ -44,18 +44,20 @@ REGGAN_HD RowSource<in_t> row_source(const in_t* x, const in_t* y, const in_t* z
   return {zero_one, 0};
 }
 
-// This sample's value of the row, advancing the source to the next sample. The inputs are
-// read-only during the kernel: on the GPU through the read-only data path, which the sources'
-// generic pointers would otherwise not take.
-template <typename acc_t, typename in_t>
-REGGAN_HD acc_t next_value(RowSource<in_t>& s) {
+// Loads this sample's values of the rows, advancing the sources to the next sample. The inputs
+// are read-only during the kernel: on the GPU through the read-only data path, which the
+// sources' generic pointers would otherwise not take.
+template <int Tile, typename in_t>
+REGGAN_HD void load_sample(RowSource<in_t> (&sources)[Tile], in_t (&values)[Tile]) {
+  REGGAN_UNROLL
+  for (int r = 0; r < Tile; ++r) {
 #ifdef __CUDA_ARCH__
-  const acc_t value = acc_t(__ldg(s.at));
+    values[r] = __ldg(sources[r].at);
 #else
-  const acc_t value = acc_t(*s.at);
+    values[r] = *sources[r].at;
 #endif
-  s.at += s.sample_stride;
-  return value;
+    sources[r].at += sources[r].sample_stride;
+  }
 }
 
 // The Tile x Tile blocks of the upper triangle of the augmented Gram come in two launches:
@@ -80,22 +82,25 @@ REGGAN_HD GramBlock gram_block(int64_t index) {
   return {index - packed_index(tb - 1, 0), tb};
 }
 
-// acc[r][q] = sum_n a_r b_q over the batch in order. A diagonal block reads only a (b is its
-// copy) and sums only r <= q, the entries of the upper triangle.
+// acc[r][q] = sum_n a_r b_q over the batch (batch >= 1) in order. A diagonal block reads only a
+// (b is its copy) and sums only r <= q, the entries of the upper triangle.
 template <int Tile, bool Diagonal, typename in_t, typename acc_t>
 REGGAN_HD void sum_block(RowSource<in_t> (&a)[Tile], RowSource<in_t> (&b)[Tile], int64_t batch,
                          acc_t (&acc)[Tile][Tile]) {
+  // The next sample's loads are issued before this one's multiply-adds, which hide their latency.
+  in_t next_a[Tile], next_b[Tile];
+  load_sample(a, next_a);
+  if (!Diagonal) load_sample(b, next_b);
   for (int64_t n = 0; n < batch; ++n) {
     acc_t va[Tile], vb[Tile];
     REGGAN_UNROLL
-    for (int r = 0; r < Tile; ++r) va[r] = next_value<acc_t>(a[r]);
-    REGGAN_UNROLL
-    for (int q = 0; q < Tile; ++q) {
-      if constexpr (Diagonal) {
-        vb[q] = va[q];
-      } else {
-        vb[q] = next_value<acc_t>(b[q]);
-      }
+    for (int r = 0; r < Tile; ++r) {
+      va[r] = acc_t(next_a[r]);
+      vb[r] = Diagonal ? va[r] : acc_t(next_b[r]);
+    }
+    if (n + 1 < batch) {
+      load_sample(a, next_a);
+      if (!Diagonal) load_sample(b, next_b);
     }
     REGGAN_UNROLL
     for (int r = 0; r < Tile; ++r) {
