@@ -1,7 +1,8 @@
 // Host test of the per-system ridge math that each CUDA thread runs (ridge/ridge_math.h with
 // ScalarLanes, strided storage as on the GPU): LDL^T factor and solve against a dense Gaussian
 // elimination, the positive-definiteness report, and the tap offsets of the design rows; and of
-// the team versions a CUDA warp runs, lane by lane, against them.
+// the team versions a CUDA warp runs, lane by lane, against them; and every CUDA thread's block
+// of the augmented Gram (ridge/ridge_gram_block.h) against a plain loop over the design rows.
 // Returns nonzero on failure.
 #include <algorithm>
 #include <cmath>
@@ -9,11 +10,14 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
+#include "ridge/ridge_gram_block.h"
 #include "ridge/ridge_math.h"
 
 using reggan_ext::LocalGeometry;
+using reggan_ext::RidgeGeometry;
 using reggan_ext::packed_index;
 using reggan_ext::ScalarLanes;
 
@@ -369,11 +373,139 @@ void test_packed_index() {
   }
 }
 
+LocalGeometry small_layer(int64_t batch, int64_t in_channels, int64_t out_channels, int64_t groups,
+                          int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  LocalGeometry g{};
+  g.batch = batch;
+  g.in_channels = in_channels;
+  g.in_height = 6;
+  g.in_width = 5;
+  g.out_channels = out_channels;
+  g.groups = groups;
+  g.kernel_h = kernel;
+  g.kernel_w = kernel == 1 ? 1 : kernel - 1;
+  g.stride_h = stride;
+  g.stride_w = 1;
+  g.pad_h = pad;
+  g.pad_w = pad + 1;
+  g.dilation_h = dilation;
+  g.dilation_w = 1;
+  g.out_height = (g.in_height + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  g.out_width = (g.in_width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  return g;
+}
+
+// Runs every thread of the CUDA grid (pixel, block, group) on the host and compares the
+// statistics with sums over the design rows built straight from the geometry. Small integer
+// inputs keep every sum exact, whatever its order: they must agree to the bit, each statistic
+// added once onto its starting value.
+template <int Tile, typename in_t, typename acc_t>
+void check_gram_blocks(const RidgeGeometry& rg, std::mt19937& rng) {
+  const LocalGeometry& g = rg.layer;
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::vector<in_t> x(g.batch * g.in_channels * g.in_plane()),
+      y(g.batch * g.out_channels * g.out_plane());
+  for (in_t& v : x) v = in_t(small(rng));
+  for (in_t& v : y) v = in_t(small(rng));
+  const int64_t d = rg.unknowns(), opg = g.out_per_group(), pixels = g.out_plane();
+  const acc_t start = 100;
+  std::vector<acc_t> gram(g.groups * rg.packed_size() * pixels, start),
+      cross(g.out_channels * d * pixels, start), target_sq(g.out_channels * pixels, start);
+  const in_t zero_one[2] = {0, 1};
+  const auto launch = [&](auto diagonal) {
+    constexpr bool kDiagonal = decltype(diagonal)::value;
+    for (int64_t group = 0; group < g.groups; ++group) {
+      for (int64_t index = 0; index < reggan_ext::gram_block_count<Tile, kDiagonal>(rg);
+           ++index) {
+        for (int64_t p = 0; p < pixels; ++p) {
+          reggan_ext::accumulate_gram_block<Tile, kDiagonal>(
+              x.data(), y.data(), zero_one, gram.data(), cross.data(), target_sq.data(), rg,
+              group, reggan_ext::gram_block<kDiagonal>(index), p);
+        }
+      }
+    }
+  };
+  launch(std::true_type{});
+  launch(std::false_type{});
+  bool ok = true;
+  std::vector<double> row(d + opg);
+  std::vector<double> expected_gram(gram.size(), start), expected_cross(cross.size(), start),
+      expected_target_sq(target_sq.size(), start);
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t group = 0; group < g.groups; ++group) {
+      for (int64_t i = 0; i < g.out_height; ++i) {
+        for (int64_t j = 0; j < g.out_width; ++j) {
+          const int64_t p = i * g.out_width + j;
+          int64_t a = 0;
+          for (int64_t c = 0; c < g.in_per_group(); ++c) {
+            for (int64_t u = 0; u < g.kernel_h; ++u) {
+              for (int64_t v = 0; v < g.kernel_w; ++v, ++a) {
+                const int64_t r = i * g.stride_h - g.pad_h + u * g.dilation_h;
+                const int64_t s = j * g.stride_w - g.pad_w + v * g.dilation_w;
+                const int64_t channel = group * g.in_per_group() + c;
+                const bool inside = r >= 0 && r < g.in_height && s >= 0 && s < g.in_width;
+                row[a] = inside ? double(x[((n * g.in_channels + channel) * g.in_height + r) *
+                                               g.in_width + s])
+                                : 0.0;
+              }
+            }
+          }
+          if (rg.bias) row[a] = 1;
+          for (int64_t o = 0; o < opg; ++o) {
+            row[d + o] = double(y[(n * g.out_channels + group * opg + o) * pixels + p]);
+          }
+          for (int64_t b = 0; b < d; ++b) {
+            for (int64_t a2 = 0; a2 <= b; ++a2) {
+              expected_gram[(group * rg.packed_size() + packed_index(b, a2)) * pixels + p] +=
+                  row[a2] * row[b];
+            }
+          }
+          for (int64_t o = 0; o < opg; ++o) {
+            const int64_t out = group * opg + o;
+            for (int64_t a2 = 0; a2 < d; ++a2) {
+              expected_cross[(out * d + a2) * pixels + p] += row[a2] * row[d + o];
+            }
+            expected_target_sq[out * pixels + p] += row[d + o] * row[d + o];
+          }
+        }
+      }
+    }
+  }
+  for (size_t k = 0; k < gram.size(); ++k) ok = ok && double(gram[k]) == expected_gram[k];
+  for (size_t k = 0; k < cross.size(); ++k) ok = ok && double(cross[k]) == expected_cross[k];
+  for (size_t k = 0; k < target_sq.size(); ++k) {
+    ok = ok && double(target_sq[k]) == expected_target_sq[k];
+  }
+  expect(ok, "Gram blocks against the design rows", double(Tile));
+}
+
+void test_gram_blocks() {
+  std::mt19937 rng(5);
+  // (batch, C_in, C_out, groups, kernel, stride, padding, dilation), bias: grouped, strided,
+  // dilated and padded; design rows (with the outputs) of 4, 8, 11, 15, 16 and 41 entries.
+  const RidgeGeometry geometries[] = {
+      {small_layer(3, 4, 6, 2, 3, 2, 1, 2), true},  {small_layer(2, 3, 3, 3, 3, 1, 1, 1), true},
+      {small_layer(4, 2, 1, 1, 5, 1, 2, 1), false}, {small_layer(3, 1, 3, 1, 1, 1, 0, 1), false},
+      {small_layer(1, 2, 4, 2, 4, 3, 0, 1), true},  {small_layer(2, 2, 6, 1, 2, 1, 1, 1), true}};
+  for (const RidgeGeometry& rg : geometries) {
+    check_gram_blocks<4, float, double>(rg, rng);
+    check_gram_blocks<8, float, double>(rg, rng);
+    check_gram_blocks<11, float, double>(rg, rng);
+    check_gram_blocks<4, double, double>(rg, rng);
+    check_gram_blocks<8, double, double>(rg, rng);
+    check_gram_blocks<11, double, double>(rg, rng);
+    check_gram_blocks<4, float, float>(rg, rng);
+    check_gram_blocks<8, float, float>(rg, rng);
+    check_gram_blocks<11, float, float>(rg, rng);
+  }
+}
+
 }  // namespace
 
 int main() {
   test_packed_index();
   test_tap_offsets();
+  test_gram_blocks();
   test_solve_matches_dense();
   test_inverse_diagonal_sum();
   test_info_reports_first_failing_minor();

@@ -11,97 +11,30 @@
 #include <limits>
 
 #include "ridge/cuda/ridge_kernels.cuh"
+#include "ridge/ridge_gram_block.h"
 #include "ridge/ridge_math.h"
 
 namespace reggan_ext {
 namespace {
 
 constexpr int kThreads = 128;
-// Side of the block of the augmented Gram a thread keeps in registers across the batch.
-constexpr int kTile = 4;
 constexpr int64_t kMaxGridYZ = 65535;
 
-// Where row `row` of pixel (i, j)'s augmented design row [z, y of the group's outputs] comes
-// from: base[n * sample_stride] for sample n, or `constant` when base is null (1 for the bias,
-// 0 for zero padding and for the rows that pad the last tile).
+// The constant rows' source (ridge_gram_block.h): 0 for padding, 1 for the bias.
 template <typename in_t>
-struct RowSource {
-  const in_t* base;
-  int64_t sample_stride;
-  float constant;
-};
+__device__ const in_t kZeroOne[2] = {in_t(0), in_t(1)};
 
-template <typename in_t>
-__device__ RowSource<in_t> row_source(const in_t* x, const in_t* y, const RidgeGeometry& rg,
-                                      int64_t group, int64_t row, int64_t i, int64_t j) {
-  const LocalGeometry& g = rg.layer;
-  const int64_t taps = rg.taps(), d = rg.unknowns();
-  if (row < taps) {
-    const int64_t offset = tap_offset(g, group * g.in_per_group(), row, i, j);
-    if (offset < 0) return {nullptr, 0, 0.f};
-    return {x + offset, g.in_channels * g.in_plane(), 0.f};
-  }
-  if (row < d) return {nullptr, 0, 1.f};
-  if (row < d + g.out_per_group()) {
-    const int64_t o = group * g.out_per_group() + (row - d);
-    return {y + (o * g.out_height + i) * g.out_width + j, g.out_channels * g.out_plane(), 0.f};
-  }
-  return {nullptr, 0, 0.f};
-}
-
-template <typename in_t, typename acc_t>
-__device__ acc_t read(const RowSource<in_t>& s, int64_t n) {
-  return s.base != nullptr ? acc_t(s.base[n * s.sample_stride]) : acc_t(s.constant);
-}
-
-// Block (blockIdx.x, blockIdx.y = packed_index(tb, ta), blockIdx.z = group): kThreads pixels
-// times the kTile x kTile block (ta, tb), ta <= tb, of the augmented Gram.
-template <typename in_t, typename acc_t>
+// CUDA block (blockIdx.x, blockIdx.y, blockIdx.z = group): kThreads pixels, each adding block
+// gram_block<Diagonal>(blockIdx.y) of its augmented Gram.
+template <int Tile, bool Diagonal, typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const in_t* __restrict__ x, const in_t* __restrict__ y,
                       acc_t* __restrict__ gram, acc_t* __restrict__ cross,
                       acc_t* __restrict__ target_sq, RidgeGeometry rg) {
-  const LocalGeometry& g = rg.layer;
-  const int64_t pixels = g.out_plane();
   const int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x;
-  if (p >= pixels) return;
-  const int64_t group = blockIdx.z;
-  int64_t tb = 0;
-  while (packed_index(tb + 1, 0) <= int64_t(blockIdx.y)) ++tb;
-  const int64_t ta = blockIdx.y - packed_index(tb, 0);
-  const int64_t i = p / g.out_width, j = p % g.out_width;
-  RowSource<in_t> a_source[kTile], b_source[kTile];
-  for (int r = 0; r < kTile; ++r) {
-    a_source[r] = row_source(x, y, rg, group, ta * kTile + r, i, j);
-    b_source[r] = row_source(x, y, rg, group, tb * kTile + r, i, j);
-  }
-  acc_t acc[kTile][kTile] = {};
-  for (int64_t n = 0; n < g.batch; ++n) {
-    acc_t a[kTile], b[kTile];
-    for (int r = 0; r < kTile; ++r) {
-      a[r] = read<in_t, acc_t>(a_source[r], n);
-      b[r] = read<in_t, acc_t>(b_source[r], n);
-    }
-    for (int r = 0; r < kTile; ++r) {
-      for (int q = 0; q < kTile; ++q) acc[r][q] += a[r] * b[q];
-    }
-  }
-  // Entry (a, b) of the augmented Gram: G for b < d, R for a < d <= b, y^2 for a = b >= d.
-  const int64_t d = rg.unknowns(), out_per_group = g.out_per_group();
-  const int64_t rows = d + out_per_group, packed = rg.packed_size();
-  for (int r = 0; r < kTile; ++r) {
-    for (int q = 0; q < kTile; ++q) {
-      const int64_t a = ta * kTile + r, b = tb * kTile + q;
-      if (a > b || b >= rows) continue;
-      if (b < d) {
-        gram[(group * packed + packed_index(b, a)) * pixels + p] += acc[r][q];
-      } else if (a < d) {
-        cross[((group * out_per_group + b - d) * d + a) * pixels + p] += acc[r][q];
-      } else if (a == b) {
-        target_sq[(group * out_per_group + a - d) * pixels + p] += acc[r][q];
-      }
-    }
-  }
+  if (p >= rg.pixels()) return;
+  accumulate_gram_block<Tile, Diagonal>(x, y, kZeroOne<in_t>, gram, cross, target_sq, rg,
+                                        blockIdx.z, gram_block<Diagonal>(blockIdx.y), p);
 }
 
 // The thread kernels factor in place: copies system (group, p) of gram to work and returns
@@ -265,6 +198,19 @@ unsigned int pixel_blocks(int64_t pixels) {
   return static_cast<unsigned int>((pixels + kThreads - 1) / kThreads);
 }
 
+template <int Tile, bool Diagonal, typename in_t, typename acc_t>
+cudaError_t launch_gram_blocks(const in_t* input, const in_t* target, acc_t* gram, acc_t* cross,
+                               acc_t* target_sq, const RidgeGeometry& rg, cudaStream_t stream) {
+  const int64_t blocks = gram_block_count<Tile, Diagonal>(rg);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const dim3 grid(pixel_blocks(rg.pixels()), static_cast<unsigned int>(blocks),
+                  static_cast<unsigned int>(rg.layer.groups));
+  accumulate_kernel<Tile, Diagonal, in_t, acc_t>
+      <<<grid, kThreads, 0, stream>>>(input, target, gram, cross, target_sq, rg);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 template <typename in_t, typename acc_t>
@@ -273,14 +219,22 @@ cudaError_t launch_ridge_accumulate(const in_t* input, const in_t* target, acc_t
                                     cudaStream_t stream) {
   const LocalGeometry& g = rg.layer;
   if (g.batch == 0 || g.out_plane() == 0) return cudaSuccess;
-  const int64_t blocks = (rg.unknowns() + g.out_per_group() + kTile - 1) / kTile;
-  const int64_t tiles = blocks * (blocks + 1) / 2;
-  if (tiles > kMaxGridYZ || g.groups > kMaxGridYZ) return cudaErrorInvalidConfiguration;
-  const dim3 grid(pixel_blocks(g.out_plane()), static_cast<unsigned int>(tiles),
-                  static_cast<unsigned int>(g.groups));
-  accumulate_kernel<in_t, acc_t><<<grid, kThreads, 0, stream>>>(input, target, gram, cross,
-                                                                 target_sq, rg);
-  return cudaGetLastError();
+  if (g.groups > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  // A design row of up to 11 entries fits one diagonal block: each value loaded feeds up to 11
+  // multiply-adds. Longer rows take 8 x 8 blocks, 16 loads per 64 multiply-adds (8 per 36 on
+  // the diagonal); larger blocks would spill the float64 accumulators.
+  const int64_t rows = rg.unknowns() + g.out_per_group();
+  if (rows <= 4) {
+    return launch_gram_blocks<4, true>(input, target, gram, cross, target_sq, rg, stream);
+  }
+  if (rows <= 11) {
+    return launch_gram_blocks<11, true>(input, target, gram, cross, target_sq, rg, stream);
+  }
+  if (gram_block_count<8, false>(rg) > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const cudaError_t error =
+      launch_gram_blocks<8, true>(input, target, gram, cross, target_sq, rg, stream);
+  if (error != cudaSuccess) return error;
+  return launch_gram_blocks<8, false>(input, target, gram, cross, target_sq, rg, stream);
 }
 
 template <typename acc_t>
