@@ -50,6 +50,16 @@ step "benchmark local_regression_table (CUDA, the issue's batches)" \
 step "benchmark local_regression_table (CUDA, batches x16)" \
   $py benchmarks/local_regression_table.py --device cuda --batch-multiplier 16
 step "benchmark ridge_table (CUDA)" $py benchmarks/ridge_table.py --device cuda
+# Where the time goes: throughput, occupancy and stall reasons of the three kernels on the
+# per-channel k3 case with 256 images (clocks left alone, as ncu would otherwise lock them).
+step "ncu: local_regression kernels, N256 per-channel 128x128 k3" ncu --clock-control none \
+  -k "regex:forward_kernel|backward_input_kernel|backward_weight_kernel" -c 3 \
+  --section SpeedOfLight --section Occupancy --section WarpStateStats \
+  $py -c "import sys, torch; sys.path.insert(0, 'benchmarks')
+from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn, scaled_cases
+case = scaled_cases(CASES, 16)['N256 3->3 per-channel 128x128 k3']
+pass_fn(IMPLEMENTATIONS['kernel'], case, 'cuda', torch.float32, 'forward+backward')()
+torch.cuda.synchronize()"
 if [ "${FULL_SUITE:-1}" != 0 ]; then
   # The application's tests first: with a GPU present they train and synthesize on it.
   step "the rest of the tests" $py -m pytest -q -p no:cacheprovider -k "not cuda" \
