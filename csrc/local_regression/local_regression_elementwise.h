@@ -1,23 +1,24 @@
 // Per-thread work of the CUDA local_regression kernels as __host__ __device__ functions, so that
 // a C++ test runs the exact index math of every thread on the CPU. A thread is named by a flat
-// index e in [0, *_threads(g)); *_thread<kUnitColumns>(e) decodes it and computes the elements
-// it owns (kUnitColumns: see unit_columns):
+// index e in [0, *_threads<kCols>(g)); *_thread<kCols, kUnitColumns>(e) decodes it and computes
+// the elements it owns (kCols: see kColumns; kUnitColumns: see unit_columns):
 //
 //   forward          (o, i, batch tile, j block): y[n, o, i, j] for the n of one batch tile
-//                    (BatchTiles::batch_tile images) and the kColumns adjacent j of one block.
+//                    (BatchTiles::batch_tile images) and the kCols adjacent j of one block.
 //                    Each weight is loaded once per tile and applied to all its images.
 //   backward_input   (ci, r, batch tile, s block): grad_x[n, ci, r, s] for the n of one batch
-//                    tile and the kColumns adjacent s of one block, gathered over the (o, u, v)
+//                    tile and the kCols adjacent s of one block, gathered over the (o, u, v)
 //                    whose window reads (r, s); no scatter.
 //   backward_weight  (o, c, u, i, j block): grad_w[o, c, u, v, i, j] for every v and the
-//                    kColumns adjacent j of one block, each summed over the batch in order by
+//                    kCols adjacent j of one block, each summed over the batch in order by
 //                    this one thread.
 //
 // Register blocking: the threads take kernel columns kTapColumns at a time, so that one row of
-// kColumns outputs by kTapColumns taps needs kColumns * kTapColumns weights (loaded once per
+// kCols outputs by kTapColumns taps needs kCols * kTapColumns weights (loaded once per
 // batch tile) and, when stride_w and dilation_w are 1 (RegGAN's layers), only
-// kColumns + kTapColumns - 1 input (or grad_output) columns per image: adjacent outputs share
-// them. Other strides and dilations load each of the kColumns * kTapColumns values.
+// kCols + kTapColumns - 1 input (or grad_output) columns per image: adjacent outputs share
+// them. Other strides and dilations load each of the kCols * kTapColumns values. kCols = 1 keeps
+// the tap column steps (a window of kTapColumns columns) for grids too small to block.
 //
 // The j (or s) blocks are the fastest index, so a warp reads and writes adjacent columns. Every
 // output element is written by exactly one thread, with a fixed summation order: results are
@@ -39,7 +40,9 @@
 
 namespace reggan_ext {
 
-// Adjacent output (or, in backward_input, input) columns per thread, and kernel columns per step.
+// Adjacent output (or, in backward_input, input) columns per thread (kCols) of the register-
+// blocked kernels, launched when the grid is large; small grids take kCols = 1 for 4x the
+// threads. And kernel columns per step.
 constexpr int kColumns = 4;
 constexpr int kTapColumns = 4;
 
@@ -139,30 +142,30 @@ REGGAN_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
 
 // value[vv][jj] = row[col + jj * stride + vv * dilation] for jj < columns and vv < taps, and 0
 // outside [0, width) (zero padding) or past columns or taps. With kUnitColumns (stride and
-// dilation 1) these are the kColumns + kTapColumns - 1 consecutive columns from col, each loaded
+// dilation 1) these are the kCols + kTapColumns - 1 consecutive columns from col, each loaded
 // once.
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void load_row_window(const scalar_t* __restrict__ row, index_t col, index_t width,
                                index_t stride, index_t dilation, index_t columns, index_t taps,
-                               acc_type<scalar_t> (&value)[kTapColumns][kColumns]) {
+                               acc_type<scalar_t> (&value)[kTapColumns][kCols]) {
   using acc_t = acc_type<scalar_t>;
   if (kUnitColumns) {
-    acc_t line[kColumns + kTapColumns - 1];
+    acc_t line[kCols + kTapColumns - 1];
     REGGAN_UNROLL
-    for (int k = 0; k < kColumns + kTapColumns - 1; ++k) {
+    for (int k = 0; k < kCols + kTapColumns - 1; ++k) {
       const index_t at = col + k;
       line[k] = k < columns + taps - 1 && at >= 0 && at < width ? to_acc(row[at]) : acc_t(0);
     }
     REGGAN_UNROLL
     for (int vv = 0; vv < kTapColumns; ++vv) {
       REGGAN_UNROLL
-      for (int jj = 0; jj < kColumns; ++jj) value[vv][jj] = line[jj + vv];
+      for (int jj = 0; jj < kCols; ++jj) value[vv][jj] = line[jj + vv];
     }
   } else {
     REGGAN_UNROLL
     for (int vv = 0; vv < kTapColumns; ++vv) {
       REGGAN_UNROLL
-      for (int jj = 0; jj < kColumns; ++jj) {
+      for (int jj = 0; jj < kCols; ++jj) {
         // Columns past `columns` may lie far past the row: their position is not formed.
         const bool used = vv < taps && jj < columns;
         const index_t at = used ? col + jj * stride + vv * dilation : index_t(-1);
@@ -174,15 +177,15 @@ REGGAN_HD void load_row_window(const scalar_t* __restrict__ row, index_t col, in
 
 // ---------------------------------------------------------------------------------------------
 // Forward: y[n0 + t, o, i, j0 + jj] for t < min(batch_tile, batch - n0) and
-// jj < min(kColumns, out_width - j0).
+// jj < min(kCols, out_width - j0).
 
-template <typename scalar_t>
+template <int kCols, typename scalar_t>
 REGGAN_HD int64_t forward_threads(const LocalGeometry& g) {
   return g.out_channels * g.out_height * ceil_div(g.batch, BatchTiles<scalar_t>::batch_tile) *
-         ceil_div(g.out_width, kColumns);
+         ceil_div(g.out_width, kCols);
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                                const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                                const LocalGeometry& g, index_t n0, index_t o, index_t i,
@@ -199,23 +202,23 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
   const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
   const index_t stride_w = g.stride_w, dilation_h = g.dilation_h, dilation_w = g.dilation_w;
   const index_t in_per_group = g.in_per_group();
-  const index_t columns = min_index(out_w - j0, index_t(kColumns));
+  const index_t columns = min_index(out_w - j0, index_t(kCols));
   const index_t count = min_index(static_cast<index_t>(g.batch) - n0, index_t(kTile));
 
   // Offsets of the tile's images; a tile past the end of the batch repeats its last image, so
   // that the inner loops need no predicates (those sums are computed but not stored).
   index_t image[kTile];
-  acc_t acc[kTile][kColumns];
-  acc_t b[kColumns];
+  acc_t acc[kTile][kCols];
+  acc_t b[kCols];
   REGGAN_UNROLL
-  for (int jj = 0; jj < kColumns; ++jj) {
+  for (int jj = 0; jj < kCols; ++jj) {
     b[jj] = bias != nullptr && jj < columns ? to_acc(bias[o * out_plane + pixel + jj]) : acc_t(0);
   }
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
     image[t] = (t < count ? t : count - 1) * x_batch;
     REGGAN_UNROLL
-    for (int jj = 0; jj < kColumns; ++jj) acc[t][jj] = b[jj];
+    for (int jj = 0; jj < kCols; ++jj) acc[t][jj] = b[jj];
   }
 
   const index_t row0 = i * static_cast<index_t>(g.stride_h) - static_cast<index_t>(g.pad_h);
@@ -231,11 +234,11 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
       const scalar_t* x_row = x + (channel + row * in_w);
       for (index_t v0 = 0; v0 < kernel_w; v0 += kTapColumns) {
         const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));
-        acc_t weight[kTapColumns][kColumns];
+        acc_t weight[kTapColumns][kCols];
         REGGAN_UNROLL
         for (int vv = 0; vv < kTapColumns; ++vv) {
           REGGAN_UNROLL
-          for (int jj = 0; jj < kColumns; ++jj) {
+          for (int jj = 0; jj < kCols; ++jj) {
             weight[vv][jj] = vv < taps && jj < columns
                                  ? to_acc(w[w_row + (v0 + vv) * out_plane + jj])
                                  : acc_t(0);
@@ -243,14 +246,14 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
         }
         REGGAN_UNROLL
         for (int t = 0; t < kTile; ++t) {
-          acc_t value[kTapColumns][kColumns];
-          load_row_window<kUnitColumns>(x_row + image[t], col0 + v0 * dilation_w, in_w, stride_w,
-                                        dilation_w, columns, taps, value);
+          acc_t value[kTapColumns][kCols];
+          load_row_window<kCols, kUnitColumns>(x_row + image[t], col0 + v0 * dilation_w, in_w,
+                                               stride_w, dilation_w, columns, taps, value);
           REGGAN_UNROLL
           for (int vv = 0; vv < kTapColumns; ++vv) {
             if (vv >= taps) break;
             REGGAN_UNROLL
-            for (int jj = 0; jj < kColumns; ++jj) acc[t][jj] += weight[vv][jj] * value[vv][jj];
+            for (int jj = 0; jj < kCols; ++jj) acc[t][jj] += weight[vv][jj] * value[vv][jj];
           }
         }
       }
@@ -260,18 +263,18 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
     REGGAN_UNROLL
-    for (int jj = 0; jj < kColumns; ++jj) {
+    for (int jj = 0; jj < kCols; ++jj) {
       if (t < count && jj < columns) store_acc(y_out + (t * y_batch + jj), acc[t][jj]);
     }
   }
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                               const LocalGeometry& g, index_t e) {
   constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
-  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kColumns));
+  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kCols));
   const index_t height = g.out_height;
   const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kTile));
   const index_t block = e % blocks;
@@ -280,17 +283,17 @@ REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __
   e /= tiles;
   const index_t i = e % height;
   const index_t o = e / height;
-  forward_outputs<kUnitColumns>(x, w, bias, y, g, tile * kTile, o, i, block * kColumns);
+  forward_outputs<kCols, kUnitColumns>(x, w, bias, y, g, tile * kTile, o, i, block * kCols);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward input: grad_x[n0 + t, ci, r, s0 + ss] for t < min(batch_tile, batch - n0) and
-// ss < min(kColumns, in_width - s0).
+// ss < min(kCols, in_width - s0).
 
-template <typename scalar_t>
+template <int kCols, typename scalar_t>
 REGGAN_HD int64_t backward_input_threads(const LocalGeometry& g) {
   return g.in_channels * g.in_height * ceil_div(g.batch, BatchTiles<scalar_t>::batch_tile) *
-         ceil_div(g.in_width, kColumns);
+         ceil_div(g.in_width, kCols);
 }
 
 // The output column whose window reads input column s through kernel column v, or -1 if none.
@@ -304,7 +307,7 @@ REGGAN_HD index_t output_column(index_t s, index_t v, index_t pad, index_t strid
   return shifted / stride < out_size ? shifted / stride : index_t(-1);
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
                                        const scalar_t* __restrict__ w,
                                        scalar_t* __restrict__ grad_x, const LocalGeometry& g,
@@ -321,19 +324,19 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
   const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
   const index_t kernel_plane = kernel_h * kernel_w * out_plane;
   const index_t pad_w = g.pad_w, stride_w = g.stride_w, dilation_w = g.dilation_w;
-  const index_t columns = min_index(in_w - s0, index_t(kColumns));
+  const index_t columns = min_index(in_w - s0, index_t(kCols));
   const index_t count = min_index(static_cast<index_t>(g.batch) - n0, index_t(kTile));
   const index_t group = ci / in_per_group;
   const index_t c = ci - group * in_per_group;
 
   // As in forward_outputs, a short tile repeats its last image instead of predicating.
   index_t image[kTile];
-  acc_t acc[kTile][kColumns];
+  acc_t acc[kTile][kCols];
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
     image[t] = (t < count ? t : count - 1) * y_batch;
     REGGAN_UNROLL
-    for (int ss = 0; ss < kColumns; ++ss) acc[t][ss] = acc_t(0);
+    for (int ss = 0; ss < kCols; ++ss) acc[t][ss] = acc_t(0);
   }
 
   const TapWalker<index_t> rows(r, g.pad_h, g.stride_h, g.dilation_h);
@@ -354,12 +357,12 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
         const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));
         // Output column j[vv][ss] that reads input column s0 + ss through kernel column v0 + vv
         // (-1 for none, or past the columns and taps), and its weight.
-        index_t j[kTapColumns][kColumns];
-        acc_t weight[kTapColumns][kColumns];
+        index_t j[kTapColumns][kCols];
+        acc_t weight[kTapColumns][kCols];
         REGGAN_UNROLL
         for (int vv = 0; vv < kTapColumns; ++vv) {
           REGGAN_UNROLL
-          for (int ss = 0; ss < kColumns; ++ss) {
+          for (int ss = 0; ss < kCols; ++ss) {
             j[vv][ss] = vv < taps && ss < columns
                             ? output_column<kUnitColumns>(s0 + ss, v0 + vv, pad_w, stride_w,
                                                           dilation_w, out_w)
@@ -370,13 +373,13 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
         }
         REGGAN_UNROLL
         for (int t = 0; t < kTile; ++t) {
-          acc_t value[kTapColumns][kColumns];
+          acc_t value[kTapColumns][kCols];
           if (kUnitColumns) {
             // j[vv][ss] = first + ss - vv + kTapColumns - 1: one line of grad_y columns.
             const index_t first = s0 + pad_w - v0 - (kTapColumns - 1);
-            acc_t line[kColumns + kTapColumns - 1];
+            acc_t line[kCols + kTapColumns - 1];
             REGGAN_UNROLL
-            for (int k = 0; k < kColumns + kTapColumns - 1; ++k) {
+            for (int k = 0; k < kCols + kTapColumns - 1; ++k) {
               const index_t at = first + k;
               line[k] = k >= kTapColumns - taps && at >= 0 && at < out_w
                             ? to_acc(gy_row[image[t] + at])
@@ -385,7 +388,7 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
             REGGAN_UNROLL
             for (int vv = 0; vv < kTapColumns; ++vv) {
               REGGAN_UNROLL
-              for (int ss = 0; ss < kColumns; ++ss) {
+              for (int ss = 0; ss < kCols; ++ss) {
                 value[vv][ss] = line[ss - vv + kTapColumns - 1];
               }
             }
@@ -393,7 +396,7 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
             REGGAN_UNROLL
             for (int vv = 0; vv < kTapColumns; ++vv) {
               REGGAN_UNROLL
-              for (int ss = 0; ss < kColumns; ++ss) {
+              for (int ss = 0; ss < kCols; ++ss) {
                 value[vv][ss] = j[vv][ss] >= 0 ? to_acc(gy_row[image[t] + j[vv][ss]]) : acc_t(0);
               }
             }
@@ -402,7 +405,7 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
           for (int vv = 0; vv < kTapColumns; ++vv) {
             if (vv >= taps) break;
             REGGAN_UNROLL
-            for (int ss = 0; ss < kColumns; ++ss) acc[t][ss] += weight[vv][ss] * value[vv][ss];
+            for (int ss = 0; ss < kCols; ++ss) acc[t][ss] += weight[vv][ss] * value[vv][ss];
           }
         }
       }
@@ -412,19 +415,19 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
     REGGAN_UNROLL
-    for (int ss = 0; ss < kColumns; ++ss) {
+    for (int ss = 0; ss < kCols; ++ss) {
       if (t < count && ss < columns) store_acc(gx_out + (t * x_batch + ss), acc[t][ss]);
     }
   }
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_input_thread(const scalar_t* __restrict__ grad_y,
                                      const scalar_t* __restrict__ w,
                                      scalar_t* __restrict__ grad_x, const LocalGeometry& g,
                                      index_t e) {
   constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
-  const index_t blocks = static_cast<index_t>(ceil_div(g.in_width, kColumns));
+  const index_t blocks = static_cast<index_t>(ceil_div(g.in_width, kCols));
   const index_t height = g.in_height;
   const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kTile));
   const index_t block = e % blocks;
@@ -433,21 +436,22 @@ REGGAN_HD void backward_input_thread(const scalar_t* __restrict__ grad_y,
   e /= tiles;
   const index_t r = e % height;
   const index_t ci = e / height;
-  backward_input_elements<kUnitColumns>(grad_y, w, grad_x, g, tile * kTile, ci, r,
-                                        block * kColumns);
+  backward_input_elements<kCols, kUnitColumns>(grad_y, w, grad_x, g, tile * kTile, ci, r,
+                                               block * kCols);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward weight: grad_w[o, c, u, v, i, j0 + jj] = sum over n (in order) of
 // grad_y[n, o, i, j0 + jj] * x[n, c0 + c, row(i, u), col(j0 + jj, v)], for every v and
-// jj < min(kColumns, out_width - j0).
+// jj < min(kCols, out_width - j0).
 
+template <int kCols>
 REGGAN_HD int64_t backward_weight_threads(const LocalGeometry& g) {
   return g.out_channels * g.in_per_group() * g.kernel_h * g.out_height *
-         ceil_div(g.out_width, kColumns);
+         ceil_div(g.out_width, kCols);
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
                                         const scalar_t* __restrict__ x,
                                         scalar_t* __restrict__ grad_w, const LocalGeometry& g,
@@ -464,7 +468,7 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
   const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
   const index_t stride_w = g.stride_w, dilation_w = g.dilation_w;
   const index_t in_per_group = g.in_per_group();
-  const index_t columns = min_index(out_w - j0, index_t(kColumns));
+  const index_t columns = min_index(out_w - j0, index_t(kCols));
   const index_t pixel = i * out_w + j0;
   // grad_w[o, c, u, v, i, j0] for v = 0: the v are one output plane apart.
   const index_t gw = ((o * in_per_group + c) * kernel_h + u) * kernel_w * out_plane + pixel;
@@ -478,27 +482,28 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
 
   for (index_t v0 = 0; v0 < kernel_w; v0 += kTapColumns) {
     const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));
-    acc_t acc[kTapColumns][kColumns];
+    acc_t acc[kTapColumns][kCols];
     REGGAN_UNROLL
     for (int vv = 0; vv < kTapColumns; ++vv) {
       REGGAN_UNROLL
-      for (int jj = 0; jj < kColumns; ++jj) acc[vv][jj] = acc_t(0);
+      for (int jj = 0; jj < kCols; ++jj) acc[vv][jj] = acc_t(0);
     }
     // A row in the padding reads only zeros.
     for (index_t n0 = 0; row_inside && n0 < batch; n0 += kStep) {
       // All of a step's loads before its multiply-adds, so that they are in flight together. A
       // step past the end of the batch loads its last image again and does not sum it.
-      acc_t grad[kStep][kColumns];
-      acc_t value[kStep][kTapColumns][kColumns];
+      acc_t grad[kStep][kCols];
+      acc_t value[kStep][kTapColumns][kCols];
       REGGAN_UNROLL
       for (int t = 0; t < kStep; ++t) {
         const index_t n = n0 + t < batch ? n0 + t : batch - 1;
         REGGAN_UNROLL
-        for (int jj = 0; jj < kColumns; ++jj) {
+        for (int jj = 0; jj < kCols; ++jj) {
           grad[t][jj] = jj < columns ? to_acc(grad_y[gy + n * y_batch + jj]) : acc_t(0);
         }
-        load_row_window<kUnitColumns>(x + (x_row + n * x_batch), col0 + v0 * dilation_w, in_w,
-                                      stride_w, dilation_w, columns, taps, value[t]);
+        load_row_window<kCols, kUnitColumns>(x + (x_row + n * x_batch), col0 + v0 * dilation_w,
+                                             in_w, stride_w, dilation_w, columns, taps,
+                                             value[t]);
       }
       REGGAN_UNROLL
       for (int t = 0; t < kStep; ++t) {
@@ -507,14 +512,14 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
         for (int vv = 0; vv < kTapColumns; ++vv) {
           if (vv >= taps) break;
           REGGAN_UNROLL
-          for (int jj = 0; jj < kColumns; ++jj) acc[vv][jj] += grad[t][jj] * value[t][vv][jj];
+          for (int jj = 0; jj < kCols; ++jj) acc[vv][jj] += grad[t][jj] * value[t][vv][jj];
         }
       }
     }
     REGGAN_UNROLL
     for (int vv = 0; vv < kTapColumns; ++vv) {
       REGGAN_UNROLL
-      for (int jj = 0; jj < kColumns; ++jj) {
+      for (int jj = 0; jj < kCols; ++jj) {
         if (vv < taps && jj < columns) {
           store_acc(grad_w + (gw + (v0 + vv) * out_plane + jj), acc[vv][jj]);
         }
@@ -523,12 +528,12 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
   }
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 REGGAN_HD void backward_weight_thread(const scalar_t* __restrict__ grad_y,
                                       const scalar_t* __restrict__ x,
                                       scalar_t* __restrict__ grad_w, const LocalGeometry& g,
                                       index_t e) {
-  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kColumns));
+  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kCols));
   const index_t height = g.out_height;
   const index_t kernel_h = g.kernel_h, in_per_group = g.in_per_group();
   const index_t block = e % blocks;
@@ -539,7 +544,8 @@ REGGAN_HD void backward_weight_thread(const scalar_t* __restrict__ grad_y,
   e /= kernel_h;
   const index_t c = e % in_per_group;
   const index_t o = e / in_per_group;
-  backward_weight_elements<kUnitColumns>(grad_y, x, grad_w, g, o, c, u, i, block * kColumns);
+  backward_weight_elements<kCols, kUnitColumns>(grad_y, x, grad_w, g, o, c, u, i,
+                                                block * kCols);
 }
 
 }  // namespace reggan_ext

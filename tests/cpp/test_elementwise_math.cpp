@@ -1,7 +1,8 @@
 // The per-thread functions of the CUDA kernels (local_regression_elementwise.h), run on the host
 // for every thread index of a launch, against the CPU ops called through the dispatcher. This
-// checks the CUDA index math without a GPU, for the kernels specialised for unit column steps
-// (on the geometries they are launched for) and for the general ones (on every geometry):
+// checks the CUDA index math without a GPU, with 1 and kColumns columns per thread, for the
+// kernels specialised for unit column steps (on the geometries they are launched for) and for the
+// general ones (on every geometry):
 //   - values, in float64 and float32 (whose batch tiles differ), with 32- and 64-bit indices;
 //   - every output element written by exactly one thread and nothing written outside the
 //     outputs (a Tracked scalar counts the writes), so the kernels cannot race;
@@ -145,14 +146,15 @@ struct Inputs {
   std::vector<int64_t> stride, padding, dilation;
 };
 
-// "what (int32, unit columns)" and the like, naming the kernel variant.
-template <bool kUnitColumns, typename index_t>
+// "what (int32, 4 columns, unit columns)" and the like, naming the kernel variant.
+template <int kCols, bool kUnitColumns, typename index_t>
 std::string variant(const char* what) {
   return std::string(what) + (sizeof(index_t) == 8 ? " (int64, " : " (int32, ") +
+         std::to_string(kCols) + " columns, " +
          (kUnitColumns ? "unit columns)" : "general columns)");
 }
 
-template <bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
 void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double tolerance) {
   const at::Tensor x = in.x.to(dtype), w = in.w.to(dtype), b = in.b.to(dtype),
                    gy = in.gy.to(dtype);
@@ -173,46 +175,46 @@ void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double t
   Guarded<scalar_t> gx(x, x.numel()), gw(w, w.numel()), gb(b, b.numel()), ggy(gy, gy.numel());
   Guarded<scalar_t> y(at::Tensor(), y_cpu.numel()), grad_x(at::Tensor(), x.numel()),
       grad_w(at::Tensor(), w.numel());
-  for (int64_t e = 0; e < reggan_ext::forward_threads<scalar_t>(g); ++e) {
-    reggan_ext::forward_thread<kUnitColumns>(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(), g,
-                                             static_cast<index_t>(e));
-  }
-  for (int64_t e = 0; e < reggan_ext::backward_input_threads<scalar_t>(g); ++e) {
-    reggan_ext::backward_input_thread<kUnitColumns>(ggy.ptr(), gw.ptr(), grad_x.ptr(), g,
+  for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, scalar_t>(g); ++e) {
+    reggan_ext::forward_thread<kCols, kUnitColumns>(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(), g,
                                                     static_cast<index_t>(e));
   }
-  for (int64_t e = 0; e < reggan_ext::backward_weight_threads(g); ++e) {
-    reggan_ext::backward_weight_thread<kUnitColumns>(ggy.ptr(), gx.ptr(), grad_w.ptr(), g,
-                                                     static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads<kCols, scalar_t>(g); ++e) {
+    reggan_ext::backward_input_thread<kCols, kUnitColumns>(ggy.ptr(), gw.ptr(), grad_x.ptr(),
+                                                           g, static_cast<index_t>(e));
   }
-  expect_close(c, variant<kUnitColumns, index_t>("forward").c_str(), y.tensor(y_cpu.sizes()),
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g); ++e) {
+    reggan_ext::backward_weight_thread<kCols, kUnitColumns>(ggy.ptr(), gx.ptr(), grad_w.ptr(),
+                                                            g, static_cast<index_t>(e));
+  }
+  expect_close(c, variant<kCols, kUnitColumns, index_t>("forward").c_str(), y.tensor(y_cpu.sizes()),
                y_cpu, tolerance);
-  expect_close(c, variant<kUnitColumns, index_t>("backward_input").c_str(),
+  expect_close(c, variant<kCols, kUnitColumns, index_t>("backward_input").c_str(),
                grad_x.tensor(x.sizes()), gx_cpu, tolerance);
-  expect_close(c, variant<kUnitColumns, index_t>("backward_weight").c_str(),
+  expect_close(c, variant<kCols, kUnitColumns, index_t>("backward_weight").c_str(),
                grad_w.tensor(w.sizes()), gw_cpu, tolerance);
   if (!y.guards_intact() || !grad_x.guards_intact() || !grad_w.guards_intact()) {
-    fail(c, variant<kUnitColumns, index_t>("guards").c_str(),
+    fail(c, variant<kCols, kUnitColumns, index_t>("guards").c_str(),
          "a thread wrote outside its output");
   }
 
   // Without bias (the nullptr path).
   Guarded<scalar_t> y_nobias(at::Tensor(), y_cpu.numel());
-  for (int64_t e = 0; e < reggan_ext::forward_threads<scalar_t>(g); ++e) {
-    reggan_ext::forward_thread<kUnitColumns, scalar_t>(gx.ptr(), gw.ptr(), nullptr,
-                                                       y_nobias.ptr(), g,
-                                                       static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, scalar_t>(g); ++e) {
+    reggan_ext::forward_thread<kCols, kUnitColumns, scalar_t>(gx.ptr(), gw.ptr(), nullptr,
+                                                              y_nobias.ptr(), g,
+                                                              static_cast<index_t>(e));
   }
   const at::Tensor y_nobias_cpu =
       op<Forward>("reggan_ext::local_regression")
           .call(x, w, std::nullopt, in.stride, in.padding, in.dilation, c.groups);
-  expect_close(c, variant<kUnitColumns, index_t>("forward without bias").c_str(),
+  expect_close(c, variant<kCols, kUnitColumns, index_t>("forward without bias").c_str(),
                y_nobias.tensor(y_cpu.sizes()), y_nobias_cpu, tolerance);
 }
 
 // Every output element is stored exactly once over all threads, and nothing else is stored, with
 // the batch tiles of Like.
-template <bool kUnitColumns, typename Like, typename index_t>
+template <int kCols, bool kUnitColumns, typename Like, typename index_t>
 void check_writes(const Case& c, const Inputs& in) {
   using T = Tracked<Like>;
   const LocalGeometry g = reggan_ext::check_forward_args(in.x, in.w, in.b, in.stride, in.padding,
@@ -222,42 +224,51 @@ void check_writes(const Case& c, const Inputs& in) {
   Guarded<T> y(at::Tensor(), in.gy.numel()), grad_x(at::Tensor(), in.x.numel()),
       grad_w(at::Tensor(), in.w.numel());
   nan_reads = 0;
-  for (int64_t e = 0; e < reggan_ext::forward_threads<T>(g); ++e) {
-    reggan_ext::forward_thread<kUnitColumns>(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g,
-                                             static_cast<index_t>(e));
-  }
-  for (int64_t e = 0; e < reggan_ext::backward_input_threads<T>(g); ++e) {
-    reggan_ext::backward_input_thread<kUnitColumns>(gy.ptr(), w.ptr(), grad_x.ptr(), g,
+  for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, T>(g); ++e) {
+    reggan_ext::forward_thread<kCols, kUnitColumns>(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g,
                                                     static_cast<index_t>(e));
   }
-  for (int64_t e = 0; e < reggan_ext::backward_weight_threads(g); ++e) {
-    reggan_ext::backward_weight_thread<kUnitColumns>(gy.ptr(), x.ptr(), grad_w.ptr(), g,
-                                                     static_cast<index_t>(e));
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads<kCols, T>(g); ++e) {
+    reggan_ext::backward_input_thread<kCols, kUnitColumns>(gy.ptr(), w.ptr(), grad_x.ptr(), g,
+                                                           static_cast<index_t>(e));
   }
-  if (nan_reads != 0) fail(c, variant<kUnitColumns, index_t>("reads").c_str(), "a guard read");
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g); ++e) {
+    reggan_ext::backward_weight_thread<kCols, kUnitColumns>(gy.ptr(), x.ptr(), grad_w.ptr(), g,
+                                                            static_cast<index_t>(e));
+  }
+  if (nan_reads != 0) {
+    fail(c, variant<kCols, kUnitColumns, index_t>("reads").c_str(), "a guard read");
+  }
   const char* detail = "an element not written exactly once";
   if (!each_written_once(y)) {
-    fail(c, variant<kUnitColumns, index_t>("forward writes").c_str(), detail);
+    fail(c, variant<kCols, kUnitColumns, index_t>("forward writes").c_str(), detail);
   }
   if (!each_written_once(grad_x)) {
-    fail(c, variant<kUnitColumns, index_t>("backward_input writes").c_str(), detail);
+    fail(c, variant<kCols, kUnitColumns, index_t>("backward_input writes").c_str(), detail);
   }
   if (!each_written_once(grad_w)) {
-    fail(c, variant<kUnitColumns, index_t>("backward_weight writes").c_str(), detail);
+    fail(c, variant<kCols, kUnitColumns, index_t>("backward_weight writes").c_str(), detail);
   }
 }
 
 // Every check of one kernel variant.
-template <bool kUnitColumns>
+template <int kCols, bool kUnitColumns>
 void check_variant(const Case& c, const Inputs& in) {
-  check_dtype<kUnitColumns, double, int32_t>(c, in, at::kDouble, 1e-12);
-  check_dtype<kUnitColumns, double, int64_t>(c, in, at::kDouble, 1e-12);
-  check_dtype<kUnitColumns, float, int32_t>(c, in, at::kFloat, 1e-5);
-  check_dtype<kUnitColumns, float, int64_t>(c, in, at::kFloat, 1e-5);
-  check_writes<kUnitColumns, double, int32_t>(c, in);
-  check_writes<kUnitColumns, double, int64_t>(c, in);
-  check_writes<kUnitColumns, float, int32_t>(c, in);
-  check_writes<kUnitColumns, float, int64_t>(c, in);
+  check_dtype<kCols, kUnitColumns, double, int32_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<kCols, kUnitColumns, double, int64_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<kCols, kUnitColumns, float, int32_t>(c, in, at::kFloat, 1e-5);
+  check_dtype<kCols, kUnitColumns, float, int64_t>(c, in, at::kFloat, 1e-5);
+  check_writes<kCols, kUnitColumns, double, int32_t>(c, in);
+  check_writes<kCols, kUnitColumns, double, int64_t>(c, in);
+  check_writes<kCols, kUnitColumns, float, int32_t>(c, in);
+  check_writes<kCols, kUnitColumns, float, int64_t>(c, in);
+}
+
+// Both column counts of one column path.
+template <bool kUnitColumns>
+void check_columns(const Case& c, const Inputs& in) {
+  check_variant<1, kUnitColumns>(c, in);
+  check_variant<reggan_ext::kColumns, kUnitColumns>(c, in);
 }
 
 void run(const Case& c) {
@@ -275,8 +286,8 @@ void run(const Case& c) {
   in.b = at::randn({c.out_ch, out_h, out_w}, options);
   in.gy = at::randn({c.batch, c.out_ch, out_h, out_w}, options);
   // The general kernels are correct for every geometry, the unit ones where they are launched.
-  check_variant<false>(c, in);
-  if (c.stride_w == 1 && c.dilation_w == 1) check_variant<true>(c, in);
+  check_columns<false>(c, in);
+  if (c.stride_w == 1 && c.dilation_w == 1) check_columns<true>(c, in);
 }
 
 // TapWalker yields output_for_input for every tap without dividing per tap.
