@@ -21,7 +21,7 @@ step() {  # step TITLE COMMAND...: runs the command, appends its output and dura
   local start=$SECONDS rc=0
   timeout "${STEP_TIMEOUT:-1800}" "$@" > "$report_dir/step.log" 2>&1 || rc=$?
   if [ "$rc" = 0 ]; then
-    tail -n 60 "$report_dir/step.log" >> "$report"
+    tail -n "${TAIL_LINES:-60}" "$report_dir/step.log" >> "$report"
   else
     status=1
     tail -n 200 "$report_dir/step.log" >> "$report"
@@ -52,7 +52,7 @@ step "benchmark local_regression_table (CUDA, batches x16)" \
 step "benchmark ridge_table (CUDA)" $py benchmarks/ridge_table.py --device cuda
 # Where the time goes: throughput, occupancy and stall reasons of the three kernels on the
 # per-channel k3 case with 256 images (clocks left alone, as ncu would otherwise lock them).
-step "ncu: local_regression kernels, N256 per-channel 128x128 k3" ncu --clock-control none \
+TAIL_LINES=400 step "ncu: local_regression kernels, N256 per-channel 128x128 k3" ncu --clock-control none \
   -k "regex:forward_kernel|backward_input_kernel|backward_weight_kernel" -c 3 \
   --section SpeedOfLight --section Occupancy --section WarpStateStats \
   $py -c "import sys, torch; sys.path.insert(0, 'benchmarks')
