@@ -33,9 +33,6 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#define REGGAN_UNROLL _Pragma("unroll")
-#else
-#define REGGAN_UNROLL
 #endif
 
 namespace reggan_ext {

@@ -11,7 +11,6 @@
 #include <cstdint>
 
 #include "common/host_device.h"
-#include "local_regression/local_regression_elementwise.h"  // REGGAN_UNROLL
 #include "ridge/ridge_math.h"
 
 namespace reggan_ext {
