@@ -9,6 +9,7 @@
 
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "ridge/cuda/ridge_kernels.cuh"
 #include "ridge/ridge.h"
@@ -26,6 +27,13 @@ void check_launch(cudaError_t error, const char* op) {
 
 cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+// Global memory of `sizes` for the kernels that factor there (a thread per system); empty for
+// those that factor in shared memory, which would leave up to the size of gram unused.
+at::Tensor factor_memory(const at::Tensor& gram, int64_t unknowns, at::IntArrayRef sizes) {
+  const bool needed = ridge_factors_in_global_memory(unknowns, gram.element_size());
+  return at::empty(needed ? sizes.vec() : std::vector<int64_t>{0}, gram.options());
 }
 
 void accumulate_cuda(const at::Tensor& gram, const at::Tensor& cross, const at::Tensor& target_sq,
@@ -64,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& gram, const at::
   // The kernels factor gram in shared memory, or a copy in work, and solve in the solution's
   // storage.
   const at::Tensor g = gram.contiguous();
-  at::Tensor work = at::empty(g.sizes(), g.options());
+  at::Tensor work = factor_memory(g, s.unknowns, g.sizes());
   at::Tensor solution = cross.clone(at::MemoryFormat::Contiguous);
   const at::Tensor shift = lam.contiguous();
   at::Tensor info = at::empty({s.groups, s.height, s.width}, gram.options().dtype(at::kInt));
@@ -75,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> solve_cuda(const at::Tensor& gram, const at::
                                     shift.const_data_ptr<scalar_t>(),
                                     info.mutable_data_ptr<int32_t>(), s.groups, s.unknowns,
                                     s.out_per_group, s.pixels(), penalize_last,
-                                    current_stream(work)),
+                                    current_stream(g)),
                  "ridge_solve");
   });
   return {solution, info};
@@ -86,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> inverse_trace_cuda(const at::Tensor& gram,
   const SolveSizes s = check_inverse_trace_args(gram, lam);
   const c10::cuda::CUDAGuard guard(gram.device());
   const at::Tensor g = gram.contiguous();
-  at::Tensor work = at::empty(g.sizes(), g.options());
-  at::Tensor scratch = at::empty({s.groups, s.unknowns, s.pixels()}, gram.options());
+  at::Tensor work = factor_memory(g, s.unknowns, g.sizes());
+  at::Tensor scratch = factor_memory(g, s.unknowns, {s.groups, s.unknowns, s.pixels()});
   const at::Tensor shift = lam.contiguous();
   at::Tensor trace = at::empty(lam.sizes(), lam.options());
   at::Tensor info = at::empty(lam.sizes(), lam.options().dtype(at::kInt));
@@ -97,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> inverse_trace_cuda(const at::Tensor& gram,
                      scratch.mutable_data_ptr<scalar_t>(),
                      shift.const_data_ptr<scalar_t>(), trace.mutable_data_ptr<scalar_t>(),
                      info.mutable_data_ptr<int32_t>(), s.groups, s.unknowns, s.pixels(),
-                     penalize_last, current_stream(work)),
+                     penalize_last, current_stream(g)),
                  "ridge_inverse_trace");
   });
   return {trace, info};

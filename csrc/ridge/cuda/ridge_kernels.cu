@@ -213,6 +213,10 @@ cudaError_t launch_gram_blocks(const in_t* input, const in_t* target, acc_t* gra
 
 }  // namespace
 
+bool ridge_factors_in_global_memory(int64_t unknowns, size_t entry_bytes) {
+  return team_systems(unknowns, entry_bytes) == 0;
+}
+
 template <typename in_t, typename acc_t>
 cudaError_t launch_ridge_accumulate(const in_t* input, const in_t* target, acc_t* gram,
                                     acc_t* cross, acc_t* target_sq, const RidgeGeometry& rg,

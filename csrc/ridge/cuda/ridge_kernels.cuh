@@ -19,8 +19,13 @@ cudaError_t launch_ridge_accumulate(const in_t* input, const in_t* target, acc_t
                                     acc_t* cross, acc_t* target_sq, const RidgeGeometry& rg,
                                     cudaStream_t stream);
 
-// Factors gram (groups, D(D+1)/2, pixels), in scratch work of the same size where it takes
-// one, and overwrites solution = cross (groups * out_per_group, D, pixels) with the solutions
+// Whether the solve and inverse trace of systems of `unknowns` entries of `entry_bytes` factor
+// in global memory (a thread per system), and so use `work` and `scratch` below; systems solved
+// by a warp each are factored in shared memory and leave both untouched.
+bool ridge_factors_in_global_memory(int64_t unknowns, size_t entry_bytes);
+
+// Factors gram (groups, D(D+1)/2, pixels), in work of the same size where
+// ridge_factors_in_global_memory, and overwrites solution = cross (groups * out_per_group, D, pixels) with the solutions
 // of ridge_solve; info (groups, pixels). Instantiated for float and double.
 template <typename acc_t>
 cudaError_t launch_ridge_solve(const acc_t* gram, acc_t* work, acc_t* solution,
@@ -29,7 +34,7 @@ cudaError_t launch_ridge_solve(const acc_t* gram, acc_t* work, acc_t* solution,
                                bool penalize_last, cudaStream_t stream);
 
 // trace (groups, pixels) of ridge_inverse_trace; work (the size of gram) and scratch
-// (groups, D, pixels) as the kernels need them. Instantiated for float and double.
+// (groups, D, pixels) where ridge_factors_in_global_memory. Instantiated for float and double.
 template <typename acc_t>
 cudaError_t launch_ridge_inverse_trace(const acc_t* gram, acc_t* work, acc_t* scratch,
                                        const acc_t* lam, acc_t* trace, int32_t* info,
