@@ -25,8 +25,9 @@ cudaError_t launch_ridge_accumulate(const in_t* input, const in_t* target, acc_t
 bool ridge_factors_in_global_memory(int64_t unknowns, size_t entry_bytes);
 
 // Factors gram (groups, D(D+1)/2, pixels), in work of the same size where
-// ridge_factors_in_global_memory, and overwrites solution = cross (groups * out_per_group, D, pixels) with the solutions
-// of ridge_solve; info (groups, pixels). Instantiated for float and double.
+// ridge_factors_in_global_memory, and overwrites solution = cross (groups * out_per_group, D,
+// pixels) with the solutions of ridge_solve; info (groups, pixels). Instantiated for float and
+// double.
 template <typename acc_t>
 cudaError_t launch_ridge_solve(const acc_t* gram, acc_t* work, acc_t* solution,
                                const acc_t* lam, int32_t* info, int64_t groups,

@@ -93,8 +93,8 @@ def fd_expr(classifier, images_a: Images, images_b: Images, faces: str = "full")
     from reggan.metrics.expression import expression_features
     a = expression_features(classifier, images_a, faces)
     b = expression_features(classifier, images_b, faces)
-    return frechet_result(f"fd_expr_{classifier.name}", a, b, f"{classifier.name} expression classifier, "
-                   "penultimate layer")
+    return frechet_result(f"fd_expr_{classifier.name}", a, b,
+                          f"{classifier.name} expression classifier, penultimate layer")
 
 
 def fd_face(images_a: Images, images_b: Images, describer=None, faces: str = "detect") -> MetricResult:
