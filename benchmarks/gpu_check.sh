@@ -5,7 +5,8 @@
 # the benchmarks come before the rest of the suite, so a short lease still gets the GPU figures.
 #   bash benchmarks/gpu_check.sh [REPORT_DIR]     (default: gpu_report/)
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's arch),
-# STEP_TIMEOUT (seconds per step, default 1800), FULL_SUITE=0 to skip the CPU-only tests.
+# STEP_TIMEOUT (seconds per step, default 1800), FULL_SUITE=0 to skip the CPU-only tests,
+# SANITIZER_TOOLS (default "memcheck racecheck").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report_dir=${1:-gpu_report}
@@ -41,7 +42,7 @@ step "build with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" env REGGAN_E
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 step "CUDA kernels registered" $py -c "import reggan_ext; assert reggan_ext.cuda_built(); print('ok')"
 step "CUDA tests" $py -m pytest -q -p no:cacheprovider -k cuda tests
-for tool in memcheck racecheck; do
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
   step "compute-sanitizer --tool $tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
     $py benchmarks/gpu_sanitizer_workload.py
 done

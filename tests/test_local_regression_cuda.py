@@ -124,6 +124,70 @@ def test_half_precision(dtype, geometry):
             f"{(error > allowed).nonzero()[:5].tolist()}")
 
 
+def blocked_geometry(kernel, padding, width):
+    """A per-channel geometry whose grids are large enough for the register-blocked kernels (at
+    least SMs x 1024 threads of 4 columns, as in local_regression_kernels.cu) on this GPU."""
+    channels, height = 16, 128
+    out_w = width + 2 * padding[1] - kernel[1] + 1
+    blocked = torch.cuda.get_device_properties(0).multi_processor_count * 1024
+    # The forward's threads: 8 images (float32) per thread, channels * height * (out_w / 4)
+    # column blocks per 8 images; backward_weight's do not depend on the batch.
+    batch = 8 * -(-blocked // (channels * height * -(-out_w // 4)))
+    assert channels * kernel[0] * height * -(-out_w // 4) >= blocked, "too small for this GPU"
+    return (batch, channels, channels, (height, width), kernel, (1, 1), padding, (1, 1), channels)
+
+
+def misaligned(t):
+    """A contiguous copy of t one element past an aligned address."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return storage[1:].view(t.shape).copy_(t)
+
+
+# Widths of whole quads (each pad_w % 4) take the quad-column kernels; 130 does not.
+BLOCKED = [((3, 3), (1, 1), 128), ((5, 5), (2, 2), 128), ((7, 7), (3, 3), 128),
+           ((3, 5), (1, 0), 132), ((3, 3), (1, 1), 130)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel,padding,width", BLOCKED,
+                         ids=[f"k{k[0]}x{k[1]}-p{p[1]}-w{w}" for k, p, w in BLOCKED])
+def test_blocked_kernels(dtype, kernel, padding, width):
+    """The register-blocked kernels of large grids against the CPU (float64, float32), and with
+    aligned tensors (quad columns where the widths allow) against misaligned copies (scalar
+    loads): the same sums in the same order, so equal bit for bit in every dtype."""
+    args = random_arguments(blocked_geometry(kernel, padding, width), dtype, "cuda")
+    aligned = run_ops(args)
+    shifted = run_ops({k: misaligned(v) if torch.is_tensor(v) else v for k, v in args.items()})
+    names = ("forward", "grad_input", "grad_weight")
+    for name, got, want in zip(names, aligned, shifted):
+        assert torch.equal(got, want), f"{name}: aligned and misaligned tensors differ"
+    if dtype in (torch.float64, torch.float32):
+        tight = 1e-12 if dtype == torch.float64 else 5e-5
+        for name, got, want in zip(names, aligned, run_ops(to_cpu(args))):
+            torch.testing.assert_close(got.cpu(), want, rtol=tight, atol=tight,
+                                       msg=lambda m: f"{name} vs CPU: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_split_batch_weight_gradient(dtype):
+    """100 images through RegGAN's 3-channel layer: backward_weight's grid alone would be small,
+    so the batch is split (into 3 ranges of at least 32 images) and the partial sums added in a
+    fixed order: deterministic, and equal to the CPU's sum within rounding."""
+    geometry = (100, 3, 3, (128, 128), (3, 3), (1, 1), (1, 1), (1, 1), 3)
+    args = random_arguments(geometry, dtype, "cuda")
+    _, _, gw = run_ops(args)
+    assert torch.equal(gw, run_ops(args)[2])
+    _, _, shifted = run_ops({k: misaligned(v) if torch.is_tensor(v) else v
+                             for k, v in args.items()})
+    assert torch.equal(gw, shifted)
+    want = run_ops(to_cpu({k: v.double() if torch.is_tensor(v) else v
+                           for k, v in args.items()}))[2]
+    # Sums of 100 products of unit normals: a float32 sum is within 100 * 2**-24 * sum|terms|;
+    # bfloat16 rounds it once more, half an ulp (2**-8 relative).
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(gw.cpu().double(), want, rtol=tolerance, atol=tolerance * 10)
+
+
 def test_non_contiguous_and_channels_last():
     """The ops accept any strides; results equal those of contiguous copies bit for bit."""
     args = random_arguments(GEOMETRIES[2], torch.float32, "cuda")

@@ -9,9 +9,11 @@
 //   backward_input   (ci, r, batch tile, s block): grad_x[n, ci, r, s] for the n of one batch
 //                    tile and the kCols adjacent s of one block, gathered over the (o, u, v)
 //                    whose window reads (r, s); no scatter.
-//   backward_weight  (o, c, u, i, j block): grad_w[o, c, u, v, i, j] for every v and the
-//                    kCols adjacent j of one block, each summed over the batch in order by
-//                    this one thread.
+//   backward_weight  (split, o, c, i, u, j block): grad_w[o, c, u, v, i, j] for every v and
+//                    the kCols adjacent j of one block, each summed in order by this one
+//                    thread over the images of one split of the batch (all of it when there
+//                    is one split). With several, each split writes its sums to its own
+//                    partial copy of grad_w, and sum_splits adds the copies in order.
 //
 // Register blocking: the threads take kernel columns kTapColumns at a time, so that one row of
 // kCols outputs by kTapColumns taps needs kCols * kTapColumns weights (loaded once per
@@ -20,6 +22,12 @@
 // them. Other strides and dilations load each of the kCols * kTapColumns values. kCols = 1 keeps
 // the tap column steps (a window of kTapColumns columns) for grids too small to block.
 //
+// Quad columns (kQuads >= 0, kCols = 4, where quad_columns(g) holds and the tensors are aligned
+// to Quad): every load and store is one aligned 4-wide vector (Quad) instead of 4 scalars
+// strided across the warp, a quarter of the L1 requests. A thread's 4 columns are a quad; the
+// input columns its taps read start pad_w % 4 (kQuads) columns off a quad boundary, so the
+// thread loads the whole quads around them and picks the values by compile-time offsets.
+//
 // The j (or s) blocks are the fastest index, so a warp reads and writes adjacent columns. Every
 // output element is written by exactly one thread, with a fixed summation order: results are
 // deterministic and need no atomics. Sums run in float for float/half/bfloat16 and in double for
@@ -27,6 +35,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "local_regression/local_regression_math.h"
 
@@ -82,6 +92,53 @@ REGGAN_HD void store_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v
 
 REGGAN_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// 4 adjacent values, aligned to their size, loaded or stored by one vector instruction.
+template <typename scalar_t>
+struct alignas(4 * sizeof(scalar_t)) Quad {
+  scalar_t v[4];
+};
+
+// Whether p may be read or written as a Quad (nullptr may).
+template <typename scalar_t>
+REGGAN_HD bool quad_aligned(const scalar_t* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(Quad<scalar_t>) == 0;
+}
+
+// The host runs the quad paths only in the C++ test, which this makes fail on a misaligned quad
+// (on the device it would be a misaligned-address fault).
+template <typename scalar_t>
+inline void check_quad_aligned_on_host(const scalar_t* p) {
+  if (!quad_aligned(p)) {
+    std::fprintf(stderr, "local_regression: misaligned quad\n");
+    std::abort();
+  }
+}
+
+template <typename scalar_t>
+REGGAN_HD void load_quad(const scalar_t* __restrict__ p, acc_type<scalar_t>* value) {
+#ifdef __CUDA_ARCH__
+  const Quad<scalar_t> q = *reinterpret_cast<const Quad<scalar_t>*>(p);
+  REGGAN_UNROLL
+  for (int k = 0; k < 4; ++k) value[k] = to_acc(q.v[k]);
+#else
+  check_quad_aligned_on_host(p);
+  for (int k = 0; k < 4; ++k) value[k] = to_acc(p[k]);
+#endif
+}
+
+template <typename scalar_t>
+REGGAN_HD void store_quad(scalar_t* __restrict__ p, const acc_type<scalar_t>* value) {
+#ifdef __CUDA_ARCH__
+  Quad<scalar_t> q;
+  REGGAN_UNROLL
+  for (int k = 0; k < 4; ++k) store_acc(&q.v[k], value[k]);
+  *reinterpret_cast<Quad<scalar_t>*>(p) = q;
+#else
+  check_quad_aligned_on_host(p);
+  for (int k = 0; k < 4; ++k) store_acc(p + k, value[k]);
+#endif
+}
+
 // Whether every offset and coordinate the thread functions form fits in int32_t. Coordinates
 // stay within the padded input (give or take kColumns + kTapColumns) and offsets within one
 // tensor; the cursors of the tap loops run
@@ -134,19 +191,51 @@ struct TapWalker {
 // by this test; the general one (false) is correct for every geometry.
 REGGAN_HD bool unit_columns(const LocalGeometry& g) { return g.stride_w == 1 && g.dilation_w == 1; }
 
+// Whether the quad-column functions (kQuads = pad_w % 4) are correct for the geometry: unit
+// column steps and rows of whole quads, so that with aligned tensors (checked at launch) a
+// thread's 4 columns and every quad it reads are aligned and lie wholly inside or wholly
+// outside a row, which makes zero padding a per-quad test.
+static_assert(kColumns == 4, "a quad is one block of columns");
+REGGAN_HD bool quad_columns(const LocalGeometry& g) {
+  return unit_columns(g) && g.in_width % 4 == 0 && g.out_width % 4 == 0;
+}
+
 template <typename index_t>
 REGGAN_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
 
 // value[vv][jj] = row[col + jj * stride + vv * dilation] for jj < columns and vv < taps, and 0
-// outside [0, width) (zero padding) or past columns or taps. With kUnitColumns (stride and
-// dilation 1) these are the kCols + kTapColumns - 1 consecutive columns from col, each loaded
-// once.
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+// outside [0, width) (zero padding); callers skip the values past columns or taps, which the
+// general path sets to 0. With kUnitColumns (stride and dilation 1) these are the
+// kCols + kTapColumns - 1 consecutive columns from col, each loaded once; with kQuads >= 0 as
+// whole quads: col = j0 - pad_w + v0 with j0 and v0 multiples of 4 lies (4 - kQuads) % 4
+// columns past a quad boundary.
+template <int kCols, bool kUnitColumns, int kQuads, typename scalar_t, typename index_t>
 REGGAN_HD void load_row_window(const scalar_t* __restrict__ row, index_t col, index_t width,
                                index_t stride, index_t dilation, index_t columns, index_t taps,
                                acc_type<scalar_t> (&value)[kTapColumns][kCols]) {
   using acc_t = acc_type<scalar_t>;
-  if (kUnitColumns) {
+  if constexpr (kQuads >= 0) {
+    constexpr int kShift = (4 - kQuads) % 4;
+    static_assert(kCols == 4, "quad columns are blocks of 4");
+    constexpr int kQuadCount = (kShift + kCols + kTapColumns - 1 + 3) / 4;
+    const index_t first = col - kShift;
+    acc_t line[4 * kQuadCount];
+    REGGAN_UNROLL
+    for (int q = 0; q < kQuadCount; ++q) {
+      const index_t at = first + 4 * q;
+      if (4 * q < kShift + columns + taps - 1 && at >= 0 && at < width) {
+        load_quad(row + at, line + 4 * q);
+      } else {
+        REGGAN_UNROLL
+        for (int k = 0; k < 4; ++k) line[4 * q + k] = acc_t(0);
+      }
+    }
+    REGGAN_UNROLL
+    for (int vv = 0; vv < kTapColumns; ++vv) {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kCols; ++jj) value[vv][jj] = line[kShift + jj + vv];
+    }
+  } else if constexpr (kUnitColumns) {
     acc_t line[kCols + kTapColumns - 1];
     REGGAN_UNROLL
     for (int k = 0; k < kCols + kTapColumns - 1; ++k) {
@@ -182,7 +271,7 @@ REGGAN_HD int64_t forward_threads(const LocalGeometry& g) {
          ceil_div(g.out_width, kCols);
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads, typename scalar_t, typename index_t>
 REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                                const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                                const LocalGeometry& g, index_t n0, index_t o, index_t i,
@@ -207,9 +296,13 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
   index_t image[kTile];
   acc_t acc[kTile][kCols];
   acc_t b[kCols];
-  REGGAN_UNROLL
-  for (int jj = 0; jj < kCols; ++jj) {
-    b[jj] = bias != nullptr && jj < columns ? to_acc(bias[o * out_plane + pixel + jj]) : acc_t(0);
+  if (kQuads >= 0 && bias != nullptr) {
+    load_quad(bias + (o * out_plane + pixel), b);
+  } else {
+    REGGAN_UNROLL
+    for (int jj = 0; jj < kCols; ++jj) {
+      b[jj] = bias != nullptr && jj < columns ? to_acc(bias[o * out_plane + pixel + jj]) : acc_t(0);
+    }
   }
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
@@ -234,23 +327,33 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
         acc_t weight[kTapColumns][kCols];
         REGGAN_UNROLL
         for (int vv = 0; vv < kTapColumns; ++vv) {
-          REGGAN_UNROLL
-          for (int jj = 0; jj < kCols; ++jj) {
-            weight[vv][jj] = vv < taps && jj < columns
-                                 ? to_acc(w[w_row + (v0 + vv) * out_plane + jj])
-                                 : acc_t(0);
+          if (kQuads >= 0 && vv < taps) {
+            load_quad(w + (w_row + (v0 + vv) * out_plane), weight[vv]);
+          } else {
+            REGGAN_UNROLL
+            for (int jj = 0; jj < kCols; ++jj) {
+              weight[vv][jj] = vv < taps && jj < columns
+                                   ? to_acc(w[w_row + (v0 + vv) * out_plane + jj])
+                                   : acc_t(0);
+            }
           }
         }
         REGGAN_UNROLL
         for (int t = 0; t < kTile; ++t) {
           acc_t value[kTapColumns][kCols];
-          load_row_window<kCols, kUnitColumns>(x_row + image[t], col0 + v0 * dilation_w, in_w,
-                                               stride_w, dilation_w, columns, taps, value);
+          load_row_window<kCols, kUnitColumns, kQuads>(x_row + image[t], col0 + v0 * dilation_w,
+                                                       in_w, stride_w, dilation_w, columns, taps,
+                                                       value);
+          // Predicated, not a branch, with unit columns: a branch would keep the compiler from
+          // issuing the next images' loads before these multiply-adds. The general kernels keep
+          // it: hoisting their kCols x kTapColumns loads per image would spill.
           REGGAN_UNROLL
           for (int vv = 0; vv < kTapColumns; ++vv) {
-            if (vv >= taps) break;
+            if (!kUnitColumns && vv >= taps) break;
             REGGAN_UNROLL
-            for (int jj = 0; jj < kCols; ++jj) acc[t][jj] += weight[vv][jj] * value[vv][jj];
+            for (int jj = 0; jj < kCols; ++jj) {
+              if (vv < taps) acc[t][jj] += weight[vv][jj] * value[vv][jj];
+            }
           }
         }
       }
@@ -259,14 +362,18 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
   scalar_t* y_out = y + (n0 * y_batch + o * out_plane + pixel);
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
-    REGGAN_UNROLL
-    for (int jj = 0; jj < kCols; ++jj) {
-      if (t < count && jj < columns) store_acc(y_out + (t * y_batch + jj), acc[t][jj]);
+    if constexpr (kQuads >= 0) {
+      if (t < count) store_quad(y_out + t * y_batch, acc[t]);
+    } else {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kCols; ++jj) {
+        if (t < count && jj < columns) store_acc(y_out + (t * y_batch + jj), acc[t][jj]);
+      }
     }
   }
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads = -1, typename scalar_t, typename index_t>
 REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                               const LocalGeometry& g, index_t e) {
@@ -280,7 +387,8 @@ REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __
   e /= tiles;
   const index_t i = e % height;
   const index_t o = e / height;
-  forward_outputs<kCols, kUnitColumns>(x, w, bias, y, g, tile * kTile, o, i, block * kCols);
+  forward_outputs<kCols, kUnitColumns, kQuads>(x, w, bias, y, g, tile * kTile, o, i,
+                                               block * kCols);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,7 +412,7 @@ REGGAN_HD index_t output_column(index_t s, index_t v, index_t pad, index_t strid
   return shifted / stride < out_size ? shifted / stride : index_t(-1);
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads, typename scalar_t, typename index_t>
 REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
                                        const scalar_t* __restrict__ w,
                                        scalar_t* __restrict__ grad_x, const LocalGeometry& g,
@@ -358,20 +466,64 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
         acc_t weight[kTapColumns][kCols];
         REGGAN_UNROLL
         for (int vv = 0; vv < kTapColumns; ++vv) {
-          REGGAN_UNROLL
-          for (int ss = 0; ss < kCols; ++ss) {
-            j[vv][ss] = vv < taps && ss < columns
-                            ? output_column<kUnitColumns>(s0 + ss, v0 + vv, pad_w, stride_w,
-                                                          dilation_w, out_w)
-                            : index_t(-1);
-            weight[vv][ss] =
-                j[vv][ss] >= 0 ? to_acc(w[w_row + (v0 + vv) * out_plane + j[vv][ss]]) : acc_t(0);
+          if constexpr (kQuads >= 0) {
+            // Output columns s0 + pad_w - v0 - vv + ss, from (kQuads - vv) % 4 past a quad
+            // boundary: the quad there and, unless that is 0, the next one.
+            const int shift = (kQuads - vv) & 3;
+            const index_t first = s0 + pad_w - v0 - vv - shift;
+            acc_t quads[8];
+            REGGAN_UNROLL
+            for (int q = 0; q < 2; ++q) {
+              const index_t at = first + 4 * q;
+              if (vv < taps && (q == 0 || shift > 0) && at >= 0 && at < out_w) {
+                load_quad(w + (w_row + (v0 + vv) * out_plane + at), quads + 4 * q);
+              } else {
+                REGGAN_UNROLL
+                for (int k = 0; k < 4; ++k) quads[4 * q + k] = acc_t(0);
+              }
+            }
+            REGGAN_UNROLL
+            for (int ss = 0; ss < kCols; ++ss) weight[vv][ss] = quads[shift + ss];
+          } else {
+            REGGAN_UNROLL
+            for (int ss = 0; ss < kCols; ++ss) {
+              j[vv][ss] = vv < taps && ss < columns
+                              ? output_column<kUnitColumns>(s0 + ss, v0 + vv, pad_w, stride_w,
+                                                            dilation_w, out_w)
+                              : index_t(-1);
+              weight[vv][ss] = j[vv][ss] >= 0
+                                   ? to_acc(w[w_row + (v0 + vv) * out_plane + j[vv][ss]])
+                                   : acc_t(0);
+            }
           }
         }
         REGGAN_UNROLL
         for (int t = 0; t < kTile; ++t) {
           acc_t value[kTapColumns][kCols];
-          if (kUnitColumns) {
+          if constexpr (kQuads >= 0) {
+            // As below, with first kShift columns past a quad boundary.
+            constexpr int kShift = (kQuads + 1) % 4;
+            constexpr int kQuadCount = (kShift + kCols + kTapColumns - 1 + 3) / 4;
+            const index_t first = s0 + pad_w - v0 - (kTapColumns - 1) - kShift;
+            acc_t line[4 * kQuadCount];
+            REGGAN_UNROLL
+            for (int q = 0; q < kQuadCount; ++q) {
+              const index_t at = first + 4 * q;
+              if (4 * q + 3 >= kShift + kTapColumns - taps && at >= 0 && at < out_w) {
+                load_quad(gy_row + (image[t] + at), line + 4 * q);
+              } else {
+                REGGAN_UNROLL
+                for (int k = 0; k < 4; ++k) line[4 * q + k] = acc_t(0);
+              }
+            }
+            REGGAN_UNROLL
+            for (int vv = 0; vv < kTapColumns; ++vv) {
+              REGGAN_UNROLL
+              for (int ss = 0; ss < kCols; ++ss) {
+                value[vv][ss] = line[kShift + ss - vv + kTapColumns - 1];
+              }
+            }
+          } else if constexpr (kUnitColumns) {
             // j[vv][ss] = first + ss - vv + kTapColumns - 1: one line of grad_y columns.
             const index_t first = s0 + pad_w - v0 - (kTapColumns - 1);
             acc_t line[kCols + kTapColumns - 1];
@@ -398,11 +550,14 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
               }
             }
           }
+          // Predicated with unit columns, as in forward_outputs.
           REGGAN_UNROLL
           for (int vv = 0; vv < kTapColumns; ++vv) {
-            if (vv >= taps) break;
+            if (!kUnitColumns && vv >= taps) break;
             REGGAN_UNROLL
-            for (int ss = 0; ss < kCols; ++ss) acc[t][ss] += weight[vv][ss] * value[vv][ss];
+            for (int ss = 0; ss < kCols; ++ss) {
+              if (vv < taps) acc[t][ss] += weight[vv][ss] * value[vv][ss];
+            }
           }
         }
       }
@@ -411,14 +566,18 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
   scalar_t* gx_out = grad_x + (n0 * x_batch + ci * in_plane + r * in_w + s0);
   REGGAN_UNROLL
   for (int t = 0; t < kTile; ++t) {
-    REGGAN_UNROLL
-    for (int ss = 0; ss < kCols; ++ss) {
-      if (t < count && ss < columns) store_acc(gx_out + (t * x_batch + ss), acc[t][ss]);
+    if constexpr (kQuads >= 0) {
+      if (t < count) store_quad(gx_out + t * x_batch, acc[t]);
+    } else {
+      REGGAN_UNROLL
+      for (int ss = 0; ss < kCols; ++ss) {
+        if (t < count && ss < columns) store_acc(gx_out + (t * x_batch + ss), acc[t][ss]);
+      }
     }
   }
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads = -1, typename scalar_t, typename index_t>
 REGGAN_HD void backward_input_thread(const scalar_t* __restrict__ grad_y,
                                      const scalar_t* __restrict__ w,
                                      scalar_t* __restrict__ grad_x, const LocalGeometry& g,
@@ -433,26 +592,33 @@ REGGAN_HD void backward_input_thread(const scalar_t* __restrict__ grad_y,
   e /= tiles;
   const index_t r = e % height;
   const index_t ci = e / height;
-  backward_input_elements<kCols, kUnitColumns>(grad_y, w, grad_x, g, tile * kTile, ci, r,
-                                               block * kCols);
+  backward_input_elements<kCols, kUnitColumns, kQuads>(grad_y, w, grad_x, g, tile * kTile, ci,
+                                                       r, block * kCols);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward weight: grad_w[o, c, u, v, i, j0 + jj] = sum over n (in order) of
-// grad_y[n, o, i, j0 + jj] * x[n, c0 + c, row(i, u), col(j0 + jj, v)], for every v and
-// jj < min(kCols, out_width - j0).
+// Backward weight: grad_w[o, c, u, v, i, j0 + jj] = sum over n in [n_begin, n_end) (in order)
+// of grad_y[n, o, i, j0 + jj] * x[n, c0 + c, row(i, u), col(j0 + jj, v)], for every v and
+// jj < min(kCols, out_width - j0). grad_w is out_t: scalar_t, or the accumulation type for the
+// partial sums of a split batch.
+
+REGGAN_HD int64_t weight_elements(const LocalGeometry& g) {
+  return g.out_channels * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_plane();
+}
 
 template <int kCols>
-REGGAN_HD int64_t backward_weight_threads(const LocalGeometry& g) {
-  return g.out_channels * g.in_per_group() * g.kernel_h * g.out_height *
+REGGAN_HD int64_t backward_weight_threads(const LocalGeometry& g, int64_t splits = 1) {
+  return splits * g.out_channels * g.in_per_group() * g.kernel_h * g.out_height *
          ceil_div(g.out_width, kCols);
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads, typename scalar_t, typename out_t,
+          typename index_t>
 REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
                                         const scalar_t* __restrict__ x,
-                                        scalar_t* __restrict__ grad_w, const LocalGeometry& g,
-                                        index_t o, index_t c, index_t u, index_t i, index_t j0) {
+                                        out_t* __restrict__ grad_w, const LocalGeometry& g,
+                                        index_t o, index_t c, index_t u, index_t i, index_t j0,
+                                        index_t n_begin, index_t n_end) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kStep = BatchTiles<scalar_t>::weight_step;
   const index_t in_h = g.in_height, in_w = g.in_width;
@@ -461,7 +627,6 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
   const index_t out_w = g.out_width;
   const index_t out_plane = static_cast<index_t>(g.out_plane());
   const index_t y_batch = static_cast<index_t>(g.out_channels) * out_plane;
-  const index_t batch = g.batch;
   const index_t kernel_h = g.kernel_h, kernel_w = g.kernel_w;
   const index_t stride_w = g.stride_w, dilation_w = g.dilation_w;
   const index_t in_per_group = g.in_per_group();
@@ -486,25 +651,29 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
       for (int jj = 0; jj < kCols; ++jj) acc[vv][jj] = acc_t(0);
     }
     // A row in the padding reads only zeros.
-    for (index_t n0 = 0; row_inside && n0 < batch; n0 += kStep) {
+    for (index_t n0 = n_begin; row_inside && n0 < n_end; n0 += kStep) {
       // All of a step's loads before its multiply-adds, so that they are in flight together. A
-      // step past the end of the batch loads its last image again and does not sum it.
+      // step past the end of the range loads its last image again and does not sum it.
       acc_t grad[kStep][kCols];
       acc_t value[kStep][kTapColumns][kCols];
       REGGAN_UNROLL
       for (int t = 0; t < kStep; ++t) {
-        const index_t n = n0 + t < batch ? n0 + t : batch - 1;
-        REGGAN_UNROLL
-        for (int jj = 0; jj < kCols; ++jj) {
-          grad[t][jj] = jj < columns ? to_acc(grad_y[gy + n * y_batch + jj]) : acc_t(0);
+        const index_t n = n0 + t < n_end ? n0 + t : n_end - 1;
+        if constexpr (kQuads >= 0) {
+          load_quad(grad_y + (gy + n * y_batch), grad[t]);
+        } else {
+          REGGAN_UNROLL
+          for (int jj = 0; jj < kCols; ++jj) {
+            grad[t][jj] = jj < columns ? to_acc(grad_y[gy + n * y_batch + jj]) : acc_t(0);
+          }
         }
-        load_row_window<kCols, kUnitColumns>(x + (x_row + n * x_batch), col0 + v0 * dilation_w,
-                                             in_w, stride_w, dilation_w, columns, taps,
-                                             value[t]);
+        load_row_window<kCols, kUnitColumns, kQuads>(x + (x_row + n * x_batch),
+                                                     col0 + v0 * dilation_w, in_w, stride_w,
+                                                     dilation_w, columns, taps, value[t]);
       }
       REGGAN_UNROLL
       for (int t = 0; t < kStep; ++t) {
-        if (n0 + t >= batch) break;
+        if (n0 + t >= n_end) break;
         REGGAN_UNROLL
         for (int vv = 0; vv < kTapColumns; ++vv) {
           if (vv >= taps) break;
@@ -515,34 +684,58 @@ REGGAN_HD void backward_weight_elements(const scalar_t* __restrict__ grad_y,
     }
     REGGAN_UNROLL
     for (int vv = 0; vv < kTapColumns; ++vv) {
-      REGGAN_UNROLL
-      for (int jj = 0; jj < kCols; ++jj) {
-        if (vv < taps && jj < columns) {
-          store_acc(grad_w + (gw + (v0 + vv) * out_plane + jj), acc[vv][jj]);
+      if constexpr (kQuads >= 0) {
+        if (vv < taps) store_quad(grad_w + (gw + (v0 + vv) * out_plane), acc[vv]);
+      } else {
+        REGGAN_UNROLL
+        for (int jj = 0; jj < kCols; ++jj) {
+          if (vv < taps && jj < columns) {
+            store_acc(grad_w + (gw + (v0 + vv) * out_plane + jj), acc[vv][jj]);
+          }
         }
       }
     }
   }
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+// grad_w: grad_weight when splits is 1, else the splits partial copies of it.
+template <int kCols, bool kUnitColumns, int kQuads = -1, typename scalar_t, typename out_t,
+          typename index_t>
 REGGAN_HD void backward_weight_thread(const scalar_t* __restrict__ grad_y,
-                                      const scalar_t* __restrict__ x,
-                                      scalar_t* __restrict__ grad_w, const LocalGeometry& g,
-                                      index_t e) {
+                                      const scalar_t* __restrict__ x, out_t* __restrict__ grad_w,
+                                      const LocalGeometry& g, index_t splits, index_t e) {
+  const index_t per_split = static_cast<index_t>(backward_weight_threads<kCols>(g));
+  const index_t split = e / per_split;
+  e -= split * per_split;
+  const index_t chunk = static_cast<index_t>(ceil_div(g.batch, splits));
+  const index_t n_begin = min_index(split * chunk, static_cast<index_t>(g.batch));
+  const index_t n_end = min_index(n_begin + chunk, static_cast<index_t>(g.batch));
+  // 64-bit: the partial copies together may pass 2^31 elements.
+  out_t* const out = grad_w + split * weight_elements(g);
   const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kCols));
   const index_t height = g.out_height;
   const index_t kernel_h = g.kernel_h, in_per_group = g.in_per_group();
+  // u before i: the threads of one output row (its kernel rows u) share its grad_output row
+  // and most of their input rows, in L1 or L2, instead of reading them kernel_h times from DRAM.
   const index_t block = e % blocks;
   e /= blocks;
-  const index_t i = e % height;
-  e /= height;
   const index_t u = e % kernel_h;
   e /= kernel_h;
+  const index_t i = e % height;
+  e /= height;
   const index_t c = e % in_per_group;
   const index_t o = e / in_per_group;
-  backward_weight_elements<kCols, kUnitColumns>(grad_y, x, grad_w, g, o, c, u, i,
-                                                block * kCols);
+  backward_weight_elements<kCols, kUnitColumns, kQuads>(grad_y, x, out, g, o, c, u, i,
+                                                        block * kCols, n_begin, n_end);
+}
+
+// grad_w[e] = the sum of partial[s * elements + e] over s < splits, in order.
+template <typename scalar_t, typename acc_t>
+REGGAN_HD void sum_splits(const acc_t* __restrict__ partial, scalar_t* __restrict__ grad_w,
+                          int64_t elements, int64_t splits, int64_t e) {
+  acc_t sum = partial[e];
+  for (int64_t s = 1; s < splits; ++s) sum += partial[s * elements + e];
+  store_acc(grad_w + e, sum);
 }
 
 }  // namespace reggan_ext

@@ -1,8 +1,9 @@
 // The per-thread functions of the CUDA kernels (local_regression_elementwise.h), run on the host
 // for every thread index of a launch, against the CPU ops called through the dispatcher. This
 // checks the CUDA index math without a GPU, with 1 and kColumns columns per thread, for the
-// kernels specialised for unit column steps (on the geometries they are launched for) and for the
-// general ones (on every geometry):
+// kernels specialised for unit column steps and for quad columns (on the geometries they are
+// launched for, every pad_w % 4; every quad aligned) and for the general ones (on every
+// geometry):
 //   - values, in float64 and float32 (whose batch tiles differ), with 32- and 64-bit indices;
 //   - every output element written by exactly one thread and nothing written outside the
 //     outputs (a Tracked scalar counts the writes), so the kernels cannot race;
@@ -79,6 +80,8 @@ void fail(const Case& c, const char* what, const char* detail) {
 }
 
 constexpr int64_t kGuard = 64;
+// Batch splits of the split backward_weight checks.
+constexpr int64_t kSplits = 3;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 template <typename T>
@@ -88,30 +91,32 @@ T make(double v) {
 double value_of(double v) { return v; }
 double value_of(float v) { return v; }
 
-// A tensor's elements (or NaN when undefined) between NaN guards.
+// A tensor's elements (or NaN when undefined) between NaN guards, the first element aligned to
+// a Quad like the start of a CUDA allocation.
 template <typename T>
 struct Guarded {
   std::vector<T> data;
   int64_t size;
+  int64_t first;  // index of element 0 in data
 
-  Guarded(const at::Tensor& t, int64_t n) : data(n + 2 * kGuard, make<T>(kNaN)), size(n) {
+  Guarded(const at::Tensor& t, int64_t n)
+      : data(n + 2 * kGuard + 4, make<T>(kNaN)), size(n), first(kGuard) {
+    while (!reggan_ext::quad_aligned(data.data() + first)) ++first;
     if (t.defined()) {
       const at::Tensor d = t.to(at::kDouble).contiguous();
-      for (int64_t k = 0; k < n; ++k) data[kGuard + k] = make<T>(d.const_data_ptr<double>()[k]);
+      for (int64_t k = 0; k < n; ++k) data[first + k] = make<T>(d.const_data_ptr<double>()[k]);
     }
   }
-  T* ptr() { return data.data() + kGuard; }
+  T* ptr() { return data.data() + first; }
   // The elements as a float64 tensor of the given shape.
   at::Tensor tensor(at::IntArrayRef shape) const {
     at::Tensor t = at::empty(shape, at::kDouble);
-    for (int64_t k = 0; k < size; ++k) t.mutable_data_ptr<double>()[k] = value_of(data[kGuard + k]);
+    for (int64_t k = 0; k < size; ++k) t.mutable_data_ptr<double>()[k] = value_of(data[first + k]);
     return t;
   }
   bool guards_intact() const {
-    for (int64_t k = 0; k < kGuard; ++k) {
-      if (!std::isnan(value_of(data[k])) || !std::isnan(value_of(data[kGuard + size + k]))) {
-        return false;
-      }
+    for (int64_t k = 0; k < static_cast<int64_t>(data.size()); ++k) {
+      if ((k < first || k >= first + size) && !std::isnan(value_of(data[k]))) return false;
     }
     return true;
   }
@@ -120,7 +125,7 @@ struct Guarded {
 template <typename Like>
 bool each_written_once(const Guarded<Tracked<Like>>& out) {
   for (int64_t k = 0; k < static_cast<int64_t>(out.data.size()); ++k) {
-    const bool inside = k >= kGuard && k < kGuard + out.size;
+    const bool inside = k >= out.first && k < out.first + out.size;
     if (out.data[k].writes != (inside ? 1 : 0)) return false;
   }
   return true;
@@ -147,15 +152,17 @@ struct Inputs {
 };
 
 // "what (int32, 4 columns, unit columns)" and the like, naming the kernel variant.
-template <int kCols, bool kUnitColumns, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads, typename index_t>
 std::string variant(const char* what) {
   return std::string(what) + (sizeof(index_t) == 8 ? " (int64, " : " (int32, ") +
          std::to_string(kCols) + " columns, " +
-         (kUnitColumns ? "unit columns)" : "general columns)");
+         (kQuads >= 0 ? "quad columns, pad_w % 4 = " + std::to_string(kQuads) + ")"
+                      : kUnitColumns ? "unit columns)" : "general columns)");
 }
 
-template <int kCols, bool kUnitColumns, typename scalar_t, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads, typename scalar_t, typename index_t>
 void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double tolerance) {
+  const auto name = variant<kCols, kUnitColumns, kQuads, index_t>;
   const at::Tensor x = in.x.to(dtype), w = in.w.to(dtype), b = in.b.to(dtype),
                    gy = in.gy.to(dtype);
   const LocalGeometry g = reggan_ext::check_forward_args(x, w, b, in.stride, in.padding,
@@ -176,46 +183,63 @@ void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double t
   Guarded<scalar_t> y(at::Tensor(), y_cpu.numel()), grad_x(at::Tensor(), x.numel()),
       grad_w(at::Tensor(), w.numel());
   for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, scalar_t>(g); ++e) {
-    reggan_ext::forward_thread<kCols, kUnitColumns>(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(), g,
-                                                    static_cast<index_t>(e));
-  }
-  for (int64_t e = 0; e < reggan_ext::backward_input_threads<kCols, scalar_t>(g); ++e) {
-    reggan_ext::backward_input_thread<kCols, kUnitColumns>(ggy.ptr(), gw.ptr(), grad_x.ptr(),
-                                                           g, static_cast<index_t>(e));
-  }
-  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g); ++e) {
-    reggan_ext::backward_weight_thread<kCols, kUnitColumns>(ggy.ptr(), gx.ptr(), grad_w.ptr(),
+    reggan_ext::forward_thread<kCols, kUnitColumns, kQuads>(gx.ptr(), gw.ptr(), gb.ptr(), y.ptr(),
                                                             g, static_cast<index_t>(e));
   }
-  expect_close(c, variant<kCols, kUnitColumns, index_t>("forward").c_str(), y.tensor(y_cpu.sizes()),
-               y_cpu, tolerance);
-  expect_close(c, variant<kCols, kUnitColumns, index_t>("backward_input").c_str(),
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads<kCols, scalar_t>(g); ++e) {
+    reggan_ext::backward_input_thread<kCols, kUnitColumns, kQuads>(
+        ggy.ptr(), gw.ptr(), grad_x.ptr(), g, static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g); ++e) {
+    reggan_ext::backward_weight_thread<kCols, kUnitColumns, kQuads>(
+        ggy.ptr(), gx.ptr(), grad_w.ptr(), g, static_cast<index_t>(1), static_cast<index_t>(e));
+  }
+  expect_close(c, name("forward").c_str(), y.tensor(y_cpu.sizes()), y_cpu, tolerance);
+  expect_close(c, name("backward_input").c_str(),
                grad_x.tensor(x.sizes()), gx_cpu, tolerance);
-  expect_close(c, variant<kCols, kUnitColumns, index_t>("backward_weight").c_str(),
+  expect_close(c, name("backward_weight").c_str(),
                grad_w.tensor(w.sizes()), gw_cpu, tolerance);
   if (!y.guards_intact() || !grad_x.guards_intact() || !grad_w.guards_intact()) {
-    fail(c, variant<kCols, kUnitColumns, index_t>("guards").c_str(),
-         "a thread wrote outside its output");
+    fail(c, name("guards").c_str(), "a thread wrote outside its output");
+  }
+
+  // The batch split into kSplits ranges (some empty for small batches): partial sums in the
+  // accumulation type, added by sum_splits.
+  using acc_t = reggan_ext::acc_type<scalar_t>;
+  Guarded<acc_t> partial(at::Tensor(), kSplits * w.numel());
+  Guarded<scalar_t> grad_w_split(at::Tensor(), w.numel());
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g, kSplits); ++e) {
+    reggan_ext::backward_weight_thread<kCols, kUnitColumns, kQuads>(
+        ggy.ptr(), gx.ptr(), partial.ptr(), g, static_cast<index_t>(kSplits),
+        static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < w.numel(); ++e) {
+    reggan_ext::sum_splits(partial.ptr(), grad_w_split.ptr(), w.numel(), kSplits, e);
+  }
+  expect_close(c, name("backward_weight, split").c_str(),
+               grad_w_split.tensor(w.sizes()), gw_cpu, tolerance);
+  if (!partial.guards_intact()) {
+    fail(c, name("split guards").c_str(), "a thread wrote outside the partial sums");
   }
 
   // Without bias (the nullptr path).
   Guarded<scalar_t> y_nobias(at::Tensor(), y_cpu.numel());
   for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, scalar_t>(g); ++e) {
-    reggan_ext::forward_thread<kCols, kUnitColumns, scalar_t>(gx.ptr(), gw.ptr(), nullptr,
-                                                              y_nobias.ptr(), g,
-                                                              static_cast<index_t>(e));
+    reggan_ext::forward_thread<kCols, kUnitColumns, kQuads, scalar_t>(
+        gx.ptr(), gw.ptr(), nullptr, y_nobias.ptr(), g, static_cast<index_t>(e));
   }
   const at::Tensor y_nobias_cpu =
       op<Forward>("reggan_ext::local_regression")
           .call(x, w, std::nullopt, in.stride, in.padding, in.dilation, c.groups);
-  expect_close(c, variant<kCols, kUnitColumns, index_t>("forward without bias").c_str(),
+  expect_close(c, name("forward without bias").c_str(),
                y_nobias.tensor(y_cpu.sizes()), y_nobias_cpu, tolerance);
 }
 
 // Every output element is stored exactly once over all threads, and nothing else is stored, with
 // the batch tiles of Like.
-template <int kCols, bool kUnitColumns, typename Like, typename index_t>
+template <int kCols, bool kUnitColumns, int kQuads, typename Like, typename index_t>
 void check_writes(const Case& c, const Inputs& in) {
+  const auto name = variant<kCols, kUnitColumns, kQuads, index_t>;
   using T = Tracked<Like>;
   const LocalGeometry g = reggan_ext::check_forward_args(in.x, in.w, in.b, in.stride, in.padding,
                                                          in.dilation, c.groups);
@@ -225,43 +249,63 @@ void check_writes(const Case& c, const Inputs& in) {
       grad_w(at::Tensor(), in.w.numel());
   nan_reads = 0;
   for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, T>(g); ++e) {
-    reggan_ext::forward_thread<kCols, kUnitColumns>(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g,
-                                                    static_cast<index_t>(e));
-  }
-  for (int64_t e = 0; e < reggan_ext::backward_input_threads<kCols, T>(g); ++e) {
-    reggan_ext::backward_input_thread<kCols, kUnitColumns>(gy.ptr(), w.ptr(), grad_x.ptr(), g,
-                                                           static_cast<index_t>(e));
-  }
-  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g); ++e) {
-    reggan_ext::backward_weight_thread<kCols, kUnitColumns>(gy.ptr(), x.ptr(), grad_w.ptr(), g,
+    reggan_ext::forward_thread<kCols, kUnitColumns, kQuads>(x.ptr(), w.ptr(), b.ptr(), y.ptr(), g,
                                                             static_cast<index_t>(e));
   }
+  for (int64_t e = 0; e < reggan_ext::backward_input_threads<kCols, T>(g); ++e) {
+    reggan_ext::backward_input_thread<kCols, kUnitColumns, kQuads>(
+        gy.ptr(), w.ptr(), grad_x.ptr(), g, static_cast<index_t>(e));
+  }
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g); ++e) {
+    reggan_ext::backward_weight_thread<kCols, kUnitColumns, kQuads>(
+        gy.ptr(), x.ptr(), grad_w.ptr(), g, static_cast<index_t>(1), static_cast<index_t>(e));
+  }
+  Guarded<T> partial(at::Tensor(), kSplits * in.w.numel());
+  for (int64_t e = 0; e < reggan_ext::backward_weight_threads<kCols>(g, kSplits); ++e) {
+    reggan_ext::backward_weight_thread<kCols, kUnitColumns, kQuads>(
+        gy.ptr(), x.ptr(), partial.ptr(), g, static_cast<index_t>(kSplits),
+        static_cast<index_t>(e));
+  }
   if (nan_reads != 0) {
-    fail(c, variant<kCols, kUnitColumns, index_t>("reads").c_str(), "a guard read");
+    fail(c, name("reads").c_str(), "a guard read");
   }
   const char* detail = "an element not written exactly once";
   if (!each_written_once(y)) {
-    fail(c, variant<kCols, kUnitColumns, index_t>("forward writes").c_str(), detail);
+    fail(c, name("forward writes").c_str(), detail);
   }
   if (!each_written_once(grad_x)) {
-    fail(c, variant<kCols, kUnitColumns, index_t>("backward_input writes").c_str(), detail);
+    fail(c, name("backward_input writes").c_str(), detail);
   }
   if (!each_written_once(grad_w)) {
-    fail(c, variant<kCols, kUnitColumns, index_t>("backward_weight writes").c_str(), detail);
+    fail(c, name("backward_weight writes").c_str(), detail);
+  }
+  if (!each_written_once(partial)) {
+    fail(c, name("split backward_weight writes").c_str(), detail);
   }
 }
 
 // Every check of one kernel variant.
-template <int kCols, bool kUnitColumns>
+template <int kCols, bool kUnitColumns, int kQuads = -1>
 void check_variant(const Case& c, const Inputs& in) {
-  check_dtype<kCols, kUnitColumns, double, int32_t>(c, in, at::kDouble, 1e-12);
-  check_dtype<kCols, kUnitColumns, double, int64_t>(c, in, at::kDouble, 1e-12);
-  check_dtype<kCols, kUnitColumns, float, int32_t>(c, in, at::kFloat, 1e-5);
-  check_dtype<kCols, kUnitColumns, float, int64_t>(c, in, at::kFloat, 1e-5);
-  check_writes<kCols, kUnitColumns, double, int32_t>(c, in);
-  check_writes<kCols, kUnitColumns, double, int64_t>(c, in);
-  check_writes<kCols, kUnitColumns, float, int32_t>(c, in);
-  check_writes<kCols, kUnitColumns, float, int64_t>(c, in);
+  check_dtype<kCols, kUnitColumns, kQuads, double, int32_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<kCols, kUnitColumns, kQuads, double, int64_t>(c, in, at::kDouble, 1e-12);
+  check_dtype<kCols, kUnitColumns, kQuads, float, int32_t>(c, in, at::kFloat, 1e-5);
+  check_dtype<kCols, kUnitColumns, kQuads, float, int64_t>(c, in, at::kFloat, 1e-5);
+  check_writes<kCols, kUnitColumns, kQuads, double, int32_t>(c, in);
+  check_writes<kCols, kUnitColumns, kQuads, double, int64_t>(c, in);
+  check_writes<kCols, kUnitColumns, kQuads, float, int32_t>(c, in);
+  check_writes<kCols, kUnitColumns, kQuads, float, int64_t>(c, in);
+}
+
+// The quad-column variant the launcher picks for the geometry's pad_w % 4.
+void check_quads(const Case& c, const Inputs& in) {
+  constexpr int kCols = reggan_ext::kColumns;
+  switch (c.pad_w % 4) {
+    case 0: return check_variant<kCols, true, 0>(c, in);
+    case 1: return check_variant<kCols, true, 1>(c, in);
+    case 2: return check_variant<kCols, true, 2>(c, in);
+    default: return check_variant<kCols, true, 3>(c, in);
+  }
 }
 
 // Both column counts of one column path.
@@ -288,6 +332,9 @@ void run(const Case& c) {
   // The general kernels are correct for every geometry, the unit ones where they are launched.
   check_columns<false>(c, in);
   if (c.stride_w == 1 && c.dilation_w == 1) check_columns<true>(c, in);
+  if (c.stride_w == 1 && c.dilation_w == 1 && c.width % 4 == 0 && out_w % 4 == 0) {
+    check_quads(c, in);
+  }
 }
 
 // TapWalker yields output_for_input for every tap without dividing per tap.
@@ -338,6 +385,13 @@ int main() {
       {2, 1, 1, 4, 6, 3, 3, 1, 1, 2, 5, 1, 1, 1},      // outputs that read only padding
       {9, 2, 4, 5, 10, 3, 3, 1, 1, 1, 1, 1, 2, 2},     // unit stride, dilation_w 2
       {4, 2, 2, 6, 15, 3, 4, 1, 2, 1, 1, 1, 1, 1},     // stride_w 2, dilation 1
+      // Quad columns (widths of whole quads, unit column steps), each pad_w % 4:
+      {3, 3, 3, 9, 12, 3, 3, 1, 1, 1, 1, 1, 1, 3},     // RegGAN's layer, pad 1
+      {5, 2, 2, 6, 16, 5, 5, 1, 1, 2, 2, 1, 1, 2},     // pad 2, a partial tap column step
+      {9, 2, 4, 5, 8, 7, 7, 2, 1, 3, 3, 1, 1, 1},      // pad 3, a partial batch tile
+      {2, 2, 2, 6, 12, 3, 5, 1, 1, 1, 0, 2, 1, 2},     // pad 0, output narrower than input
+      {2, 1, 1, 4, 8, 3, 9, 1, 1, 1, 4, 1, 1, 1},      // pad 4, three tap column steps
+      {2, 1, 3, 5, 4, 3, 3, 1, 1, 1, 5, 2, 1, 1},      // pad 5: columns that read only padding
   };
   for (const Case& c : cases) run(c);
   std::printf("%s: %zu geometries, %d failures\n", failures ? "FAILED" : "OK", cases.size(),

@@ -114,11 +114,21 @@ at::Tensor backward_weight_cuda(const at::Tensor& grad_output, const at::Tensor&
   // Written in full by the kernel, as zeros when the batch is empty.
   at::Tensor grad_w = at::empty(weight_shape(g), input.options());
   if (grad_w.numel() == 0) return grad_w;
+  int64_t workspace_elements = 0;
+  check_launch(local_regression_backward_weight_workspace(g, &workspace_elements),
+               "local_regression_backward_weight");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "local_regression_backward_weight_cuda", [&] {
+    using acc_t = acc_type<typename CudaScalar<scalar_t>::type>;
+    // Stream-ordered by the caching allocator: free for reuse once the kernels have run.
+    at::Tensor workspace =
+        at::empty({workspace_elements},
+                  input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     check_launch(launch_local_regression_backward_weight(
                      cuda_data<scalar_t>(gy), cuda_data<scalar_t>(x),
-                     cuda_mutable_data<scalar_t>(grad_w), g, current_stream(x)),
+                     cuda_mutable_data<scalar_t>(grad_w),
+                     workspace_elements > 0 ? workspace.mutable_data_ptr<acc_t>() : nullptr, g,
+                     current_stream(x)),
                  "local_regression_backward_weight");
   });
   return grad_w;
