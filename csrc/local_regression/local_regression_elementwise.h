@@ -261,6 +261,24 @@ REGGAN_HD void load_row_window(const scalar_t* __restrict__ row, index_t col, in
   }
 }
 
+// out[t * image_stride + jj] = acc[t][jj] for t < count and jj < columns: a batch tile's rows
+// of kCols columns, one quad each with kQuads >= 0.
+template <int kQuads, int kTile, int kCols, typename scalar_t, typename index_t>
+REGGAN_HD void store_tile(scalar_t* __restrict__ out, index_t image_stride, index_t count,
+                          index_t columns, const acc_type<scalar_t> (&acc)[kTile][kCols]) {
+  REGGAN_UNROLL
+  for (int t = 0; t < kTile; ++t) {
+    if constexpr (kQuads >= 0) {
+      if (t < count) store_quad(out + t * image_stride, acc[t]);
+    } else {
+      REGGAN_UNROLL
+      for (int jj = 0; jj < kCols; ++jj) {
+        if (t < count && jj < columns) store_acc(out + (t * image_stride + jj), acc[t][jj]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: y[n0 + t, o, i, j0 + jj] for t < min(batch_tile, batch - n0) and
 // jj < min(kCols, out_width - j0).
@@ -359,18 +377,7 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
       }
     }
   }
-  scalar_t* y_out = y + (n0 * y_batch + o * out_plane + pixel);
-  REGGAN_UNROLL
-  for (int t = 0; t < kTile; ++t) {
-    if constexpr (kQuads >= 0) {
-      if (t < count) store_quad(y_out + t * y_batch, acc[t]);
-    } else {
-      REGGAN_UNROLL
-      for (int jj = 0; jj < kCols; ++jj) {
-        if (t < count && jj < columns) store_acc(y_out + (t * y_batch + jj), acc[t][jj]);
-      }
-    }
-  }
+  store_tile<kQuads>(y + (n0 * y_batch + o * out_plane + pixel), y_batch, count, columns, acc);
 }
 
 template <int kCols, bool kUnitColumns, int kQuads = -1, typename scalar_t, typename index_t>
@@ -563,18 +570,8 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
       }
     }
   }
-  scalar_t* gx_out = grad_x + (n0 * x_batch + ci * in_plane + r * in_w + s0);
-  REGGAN_UNROLL
-  for (int t = 0; t < kTile; ++t) {
-    if constexpr (kQuads >= 0) {
-      if (t < count) store_quad(gx_out + t * x_batch, acc[t]);
-    } else {
-      REGGAN_UNROLL
-      for (int ss = 0; ss < kCols; ++ss) {
-        if (t < count && ss < columns) store_acc(gx_out + (t * x_batch + ss), acc[t][ss]);
-      }
-    }
-  }
+  store_tile<kQuads>(grad_x + (n0 * x_batch + ci * in_plane + r * in_w + s0), x_batch, count,
+                     columns, acc);
 }
 
 template <int kCols, bool kUnitColumns, int kQuads = -1, typename scalar_t, typename index_t>
