@@ -54,15 +54,6 @@ struct Lanes {
     std::memcpy(&v, p, sizeof v);
     return __builtin_convertvector(v, value);
   }
-  // Lanes [begin, end) of p[offset + l * step], converted, and zeros elsewhere.
-  template <typename in_t>
-  REGGAN_CPU_INLINE static value gather(const in_t* p, int64_t offset, int64_t step,
-                                          int64_t begin, int64_t end) {
-    if (begin == 0 && end == kWidth && step == 1) return convert(p + offset);
-    value v{};
-    for (int64_t l = begin; l < end; ++l) v[l] = T(p[offset + l * step]);
-    return v;
-  }
   REGGAN_CPU_INLINE static void store(T* p, const value& v, int64_t n) {
     if (n == kWidth) {
       std::memcpy(p, &v, sizeof v);

@@ -35,6 +35,8 @@ constexpr int64_t kScratchBytes = 32 << 10;
 constexpr int64_t kAccumulatorBytes = 512 << 10;
 // How many statistics entries ahead the accumulation prefetches those it adds to.
 constexpr size_t kPrefetchEntries = 4;
+// How many samples ahead the accumulation prefetches the inputs it reads.
+constexpr int64_t kPrefetchSamples = 4;
 
 }  // namespace
 

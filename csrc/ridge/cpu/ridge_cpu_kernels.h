@@ -10,13 +10,12 @@ struct Tag {};
 template <typename T>
 using Lanes = cpu_lanes::Lanes<T, kVectorBytes>;
 
-// How a row of the augmented design matrix reads a sample: lane l of sample n is
-// data[n * sample_stride + offset + l * step] for l in [begin, end), 0 elsewhere.
+// How a run of `width` values of the scratch reads a sample: value k of sample n is
+// data[n * sample_stride + offset + k * step] for k in [begin, end), 0 elsewhere.
 template <typename in_t>
-struct RowRead {
+struct RunRead {
   const in_t* data;
   int64_t sample_stride, offset, step, begin, end;
-  int64_t row;  // index in the augmented row
 };
 
 // n zeroed vectors. std::vector would take their alignment from code compiled for the default
@@ -43,20 +42,22 @@ class VectorBuffer {
   int64_t size_;
 };
 
-// acc[r][q] += sum_n a_rows[r * stride + n] * b_rows[q * stride + n] for n < count: a
-// kTile x kTile block of the augmented Gram held in registers across the samples. On the
-// diagonal (a_rows == b_rows) only its upper triangle is computed.
-template <bool kDiagonal, typename V>
-inline void gram_tile(const V* a_rows, const V* b_rows, int64_t stride, int64_t count, V* acc) {
+// acc[r][q] += sum_n a_rows[r][n * stride] * b_rows[q][n * stride] (vectors of kWidth
+// values) for n < count: a kTile x kTile block of the augmented Gram held in registers across
+// the samples. On the diagonal (a_rows == b_rows) only its upper triangle is computed.
+template <bool kDiagonal, typename T, typename V>
+inline void gram_tile(const T* const* a_rows, const T* const* b_rows, int64_t stride,
+                      int64_t count, V* acc) {
+  using L = Lanes<T>;
   V c[kTile][kTile];
   for (int r = 0; r < kTile; ++r) {
     for (int q = 0; q < kTile; ++q) c[r][q] = acc[r * kTile + q];
   }
   for (int64_t n = 0; n < count; ++n) {
     V a[kTile];
-    for (int r = 0; r < kTile; ++r) a[r] = a_rows[r * stride + n];
+    for (int r = 0; r < kTile; ++r) a[r] = L::load(a_rows[r] + n * stride, L::kWidth);
     for (int q = 0; q < kTile; ++q) {
-      const V b = b_rows[q * stride + n];
+      const V b = L::load(b_rows[q] + n * stride, L::kWidth);
       for (int r = 0; r < kTile; ++r) {
         if (!kDiagonal || r <= q) c[r][q] += a[r] * b;
       }
@@ -67,23 +68,34 @@ inline void gram_tile(const V* a_rows, const V* b_rows, int64_t stride, int64_t 
   }
 }
 
-// Where the augmented rows of kWidth consecutive pixels read a sample, and the cache lines to
-// prefetch for it (address in sample 0, sample stride).
-template <typename in_t>
-struct VectorReads {
-  std::vector<RowRead<in_t>> rows;
-  std::vector<std::pair<const in_t*, int64_t>> lines;
-  bool contiguous;  // every row reads kWidth consecutive inputs: the interior of the image
-};
+// Writes the `width` values of sample n that `run` reads to dst, converted.
+template <typename in_t, typename acc_t>
+REGGAN_CPU_INLINE void fill_run(acc_t* dst, const RunRead<in_t>& run, int64_t n, int64_t width) {
+  using L = Lanes<acc_t>;
+  const in_t* p = run.data + n * run.sample_stride + run.offset;
+  std::fill(dst, dst + run.begin, acc_t(0));
+  int64_t k = run.begin;
+  if (run.step == 1) {
+    for (; k + L::kWidth <= run.end; k += L::kWidth) {
+      L::store(dst + k, L::convert(p + k), L::kWidth);
+    }
+  }
+  for (; k < run.end; ++k) dst[k] = acc_t(p[k * run.step]);
+  std::fill(dst + run.end, dst + width, acc_t(0));
+}
 
 // Statistics of one update. A task owns a group and a segment of up to `segment` vectors of
-// kWidth consecutive pixels of an output row. For a chunk of samples and each vector in turn,
-// it copies the augmented design rows [z, y of the group's outputs] into a scratch (lanes =
-// pixels, one row after the other, samples contiguous within a row so that the tiles stream
-// them), then adds the chunk's augmented Gram, tile by tile, to the vector's accumulator. The
-// vectors of a segment read overlapping inputs of the same samples, which stay in cache for
-// the whole chunk. At the end the accumulators are added to gram, cross and target_sq; each
-// statistic is written by one task, in a fixed order: the result is deterministic.
+// kWidth consecutive pixels of an output row. For a chunk of samples it first copies, sample by
+// sample, what the segment reads into a scratch of runs: per input row the group reads and
+// residue of the column modulo stride_w, the inputs the segment's pixels read through it, zero
+// where they are padding (in_runs of them); then the group's outputs; then a run of ones (the
+// bias) and one of zeros (rows of the last tile past the augmented rows). Every augmented
+// design row [z, y] of a vector is then kWidth consecutive values of one run, taps of the same
+// input row starting at different columns, so each input is converted once for all the taps
+// and vectors that read it. Then, vector by vector, it adds the chunk's augmented Gram, tile by
+// tile, to the vector's accumulator. At the end the accumulators are added to gram, cross and
+// target_sq; each statistic is written by one task, in a fixed order: the result is
+// deterministic.
 template <typename in_t, typename acc_t>
 void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                 const RidgeGeometry& rg) {
@@ -94,7 +106,7 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t taps = rg.taps(), d = rg.unknowns(), out_per_group = g.out_per_group();
   const int64_t rows = d + out_per_group;
   const int64_t blocks = (rows + kTile - 1) / kTile;
-  const int64_t padded_rows = blocks * kTile;  // rows past `rows` stay zero
+  const int64_t padded_rows = blocks * kTile;
   const int64_t acc_size = blocks * (blocks + 1) / 2 * kTile * kTile;
   const int64_t chunk =
       std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 64);
@@ -105,107 +117,111 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t pixels = g.out_plane(), packed = rg.packed_size();
   const int64_t in_sample = g.in_channels * g.in_plane();
   const int64_t out_sample = g.out_channels * pixels;
+  // Kernel column v reads column j + shift(v) of residue residue(v) for output column j.
+  const auto shift = [&](int64_t v) {
+    const int64_t offset = g.col_offset(v);
+    return (offset >= 0 ? offset : offset - g.stride_w + 1) / g.stride_w;
+  };
+  const auto residue = [&](int64_t v) { return g.col_offset(v) - shift(v) * g.stride_w; };
+  const int64_t first_shift = shift(0);
+  const int64_t width = (segment * W + shift(g.kernel_w - 1) - first_shift + W - 1) / W * W;
+  const int64_t in_runs = g.in_per_group() * g.kernel_h * g.stride_w;
+  const int64_t ones_run = in_runs + out_per_group, zeros_run = ones_run + 1;
+  const int64_t sample_values = (zeros_run + 1) * width;
   const int64_t work = g.batch * rows * rows * W * segment;
   at::parallel_for(0, g.groups * g.out_height * segments,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(segment * acc_size);
-    VectorBuffer<V> scratch(chunk * padded_rows);
-    // The bias row is 1 and the rows past `rows` 0 for every sample: set them once.
-    if (rg.bias) {
-      for (int64_t s = 0; s < chunk; ++s) scratch[taps * chunk + s] = L::splat(1);
+    VectorBuffer<V> scratch_vectors(chunk * sample_values / W);  // zeros
+    acc_t* scratch = reinterpret_cast<acc_t*>(scratch_vectors.data());
+    for (int64_t s = 0; s < chunk; ++s) {
+      std::fill_n(scratch + s * sample_values + ones_run * width, width, acc_t(1));
     }
-    std::vector<VectorReads<in_t>> reads(segment);
+    std::vector<RunRead<in_t>> runs;
+    // The cache lines the runs read: address in sample 0, sample stride.
+    std::vector<std::pair<const in_t*, int64_t>> lines;
+    std::vector<const acc_t*> row_starts(padded_rows);
     std::vector<std::tuple<acc_t*, int64_t, int64_t>> destinations;  // plane, (a, b)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (g.out_height * segments);
       const int64_t i = task / segments % g.out_height;
       const int64_t first = task % segments * segment;
       const int64_t count_vectors = std::min(segment, row_vectors - first);
+      const int64_t segment_lanes = std::min(count_vectors * W, g.out_width - first * W);
       const int64_t c0 = group * g.in_per_group();
       acc.zero();
-      for (int64_t v = 0; v < count_vectors; ++v) {
-        const int64_t j0 = (first + v) * W, lanes = std::min(W, g.out_width - j0);
-        VectorReads<in_t>& r = reads[v];
-        r.rows.clear();
-        for (int64_t a = 0; a < taps; ++a) {
-          const Tap t = tap_of(a, g);
-          const int64_t in_row = g.input_row(i, t.u);
-          const int64_t offset = g.col_offset(t.v);
-          int64_t jb = 0, je = 0;
-          if (in_row >= 0 && in_row < g.in_height) {
-            valid_output_range(offset, g.stride_w, g.in_width, g.out_width, &jb, &je);
-          }
-          jb = std::clamp(jb, j0, j0 + lanes);
-          je = std::clamp(je, jb, j0 + lanes);
-          r.rows.push_back(RowRead<in_t>{
-              x, in_sample,
-              ((c0 + t.channel) * g.in_height + in_row) * g.in_width + j0 * g.stride_w + offset,
-              g.stride_w, jb - j0, je - j0, a});
-        }
-        for (int64_t o = 0; o < out_per_group; ++o) {
-          r.rows.push_back(RowRead<in_t>{
-              y, out_sample,
-              ((group * out_per_group + o) * g.out_height + i) * g.out_width + j0, 1, 0, lanes,
-              d + o});
-        }
-        // Each row's first and last line, once.
-        r.lines.clear();
-        for (const RowRead<in_t>& row : r.rows) {
-          if (row.begin == row.end) continue;
-          for (const int64_t l : {row.begin, row.end - 1}) {
-            const in_t* p = row.data + row.offset + l * row.step;
-            const auto line = reinterpret_cast<uintptr_t>(p) / 64;
-            if (r.lines.empty() || r.lines.back().second != row.sample_stride ||
-                reinterpret_cast<uintptr_t>(r.lines.back().first) / 64 != line) {
-              r.lines.emplace_back(p, row.sample_stride);
+      runs.clear();
+      for (int64_t c = 0; c < g.in_per_group(); ++c) {
+        for (int64_t u = 0; u < g.kernel_h; ++u) {
+          const int64_t in_row = g.input_row(i, u);
+          for (int64_t r = 0; r < g.stride_w; ++r) {
+            // Value k of the run is input column (first * W + first_shift + k) * stride_w + r.
+            const int64_t offset = (first * W + first_shift) * g.stride_w + r;
+            int64_t kb = 0, ke = 0;
+            if (in_row >= 0 && in_row < g.in_height) {
+              valid_output_range(offset, g.stride_w, g.in_width, width, &kb, &ke);
             }
+            runs.push_back(RunRead<in_t>{
+                x, in_sample, ((c0 + c) * g.in_height + in_row) * g.in_width + offset,
+                g.stride_w, kb, ke});
           }
         }
-        r.contiguous = std::all_of(r.rows.begin(), r.rows.end(), [&](const RowRead<in_t>& row) {
-          return row.begin == 0 && row.end == W && row.step == 1;
-        });
+      }
+      for (int64_t o = 0; o < out_per_group; ++o) {
+        const int64_t oc = group * out_per_group + o;
+        runs.push_back(RunRead<in_t>{
+            y, out_sample, (oc * g.out_height + i) * g.out_width + first * W, 1, 0, segment_lanes});
+      }
+      lines.clear();
+      for (const RunRead<in_t>& run : runs) {
+        for (int64_t k = run.begin; k < run.end; ++k) {
+          const in_t* p = run.data + run.offset + k * run.step;
+          if (lines.empty() || lines.back().second != run.sample_stride ||
+              reinterpret_cast<uintptr_t>(lines.back().first) / 64 !=
+                  reinterpret_cast<uintptr_t>(p) / 64) {
+            lines.emplace_back(p, run.sample_stride);
+          }
+        }
       }
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
-        for (int64_t v = 0; v < count_vectors; ++v) {
-          const VectorReads<in_t>& r = reads[v];
-          for (int64_t s = 0; s < count; ++s) {
-            const int64_t n = n0 + s;
-            // The same sample of the next chunk: samples lie far apart in memory, beyond the
-            // hardware prefetchers' reach.
-            if (n + chunk < g.batch) {
-              for (const auto& [p, stride] : r.lines) {
-                __builtin_prefetch(p + (n + chunk) * stride);
-              }
-            }
-            if (r.contiguous) {
-              const in_t* x_n = x + n * in_sample;
-              const in_t* y_n = y + n * out_sample;
-              for (int64_t a = 0; a < taps; ++a) {
-                scratch[a * chunk + s] = L::convert(x_n + r.rows[a].offset);
-              }
-              for (int64_t o = 0; o < out_per_group; ++o) {
-                scratch[(d + o) * chunk + s] = L::convert(y_n + r.rows[taps + o].offset);
-              }
-            } else {
-              for (const RowRead<in_t>& row : r.rows) {
-                scratch[row.row * chunk + s] = L::gather(row.data + n * row.sample_stride,
-                                                         row.offset, row.step, row.begin,
-                                                         row.end);
-              }
+        for (int64_t s = 0; s < count; ++s) {
+          const int64_t n = n0 + s;
+          // Samples lie far apart in memory, beyond the hardware prefetchers' reach.
+          if (n + kPrefetchSamples < g.batch) {
+            for (const auto& [p, stride] : lines) {
+              __builtin_prefetch(p + (n + kPrefetchSamples) * stride);
             }
           }
-          const V* rows_of = scratch.data();
+          for (size_t k = 0; k < runs.size(); ++k) {
+            fill_run(scratch + s * sample_values + k * width, runs[k], n, width);
+          }
+        }
+        for (int64_t v = 0; v < count_vectors; ++v) {
+          for (int64_t a = 0; a < padded_rows; ++a) {
+            int64_t run = zeros_run, start = v * W;
+            if (a < taps) {
+              const Tap t = tap_of(a, g);
+              run = (t.channel * g.kernel_h + t.u) * g.stride_w + residue(t.v);
+              start += shift(t.v) - first_shift;
+            } else if (a < d) {
+              run = ones_run;
+            } else if (a < rows) {
+              run = in_runs + a - d;
+            }
+            row_starts[a] = scratch + run * width + start;
+          }
           V* vector_acc = acc.data() + v * acc_size;
           for (int64_t ta = 0; ta < blocks; ++ta) {
-            const V* a_rows = rows_of + ta * kTile * chunk;
+            const acc_t* const* a_rows = row_starts.data() + ta * kTile;
             for (int64_t tb = ta; tb < blocks; ++tb) {
               V* t = vector_acc + packed_index(tb, ta) * kTile * kTile;
               if (ta == tb) {
-                gram_tile<true>(a_rows, a_rows, chunk, count, t);
+                gram_tile<true>(a_rows, a_rows, sample_values, count, t);
               } else {
-                gram_tile<false>(a_rows, rows_of + tb * kTile * chunk, chunk, count, t);
+                gram_tile<false>(a_rows, row_starts.data() + tb * kTile, sample_values, count,
+                                 t);
               }
             }
           }
@@ -228,7 +244,6 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
         destinations.emplace_back(target_sq + oc * pixels, d + o, d + o);
       }
       const int64_t p0 = i * g.out_width + first * W;
-      const int64_t segment_lanes = std::min(count_vectors * W, g.out_width - first * W);
       for (size_t e = 0; e < destinations.size(); ++e) {
         if (e + kPrefetchEntries < destinations.size()) {
           acc_t* ahead = std::get<0>(destinations[e + kPrefetchEntries]) + p0;
