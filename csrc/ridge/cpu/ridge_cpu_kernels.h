@@ -43,28 +43,35 @@ class VectorBuffer {
 };
 
 // acc[r][q] += sum_n a_rows[r][n * stride] * b_rows[q][n * stride] (vectors of kWidth
-// values) for n < count: a kTile x kTile block of the augmented Gram held in registers across
-// the samples. On the diagonal (a_rows == b_rows) only its upper triangle is computed.
-template <bool kDiagonal, typename T, typename V>
-inline void gram_tile(const T* const* a_rows, const T* const* b_rows, int64_t stride,
-                      int64_t count, V* acc) {
+// values) for n < count and q < cols: a kTile x kTile block of the augmented Gram held in
+// registers across the samples. The last block of rows has cols <= kTile rows: its tiles skip
+// the missing ones. On the diagonal (a_rows == b_rows) only its upper triangle is computed.
+template <bool kDiagonal, int kCols = kTile, typename T, typename V>
+inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_rows,
+                      int64_t stride, int64_t count, V* acc) {
+  if constexpr (kCols > 1) {
+    if (cols < kCols) {
+      return gram_tile<kDiagonal, kCols - 1>(cols, a_rows, b_rows, stride, count, acc);
+    }
+  }
   using L = Lanes<T>;
-  V c[kTile][kTile];
-  for (int r = 0; r < kTile; ++r) {
-    for (int q = 0; q < kTile; ++q) c[r][q] = acc[r * kTile + q];
+  constexpr int kRows = kDiagonal ? kCols : kTile;
+  V c[kRows][kCols];
+  for (int r = 0; r < kRows; ++r) {
+    for (int q = 0; q < kCols; ++q) c[r][q] = acc[r * kTile + q];
   }
   for (int64_t n = 0; n < count; ++n) {
-    V a[kTile];
-    for (int r = 0; r < kTile; ++r) a[r] = L::load(a_rows[r] + n * stride, L::kWidth);
-    for (int q = 0; q < kTile; ++q) {
+    V a[kRows];
+    for (int r = 0; r < kRows; ++r) a[r] = L::load(a_rows[r] + n * stride, L::kWidth);
+    for (int q = 0; q < kCols; ++q) {
       const V b = L::load(b_rows[q] + n * stride, L::kWidth);
-      for (int r = 0; r < kTile; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         if (!kDiagonal || r <= q) c[r][q] += a[r] * b;
       }
     }
   }
-  for (int r = 0; r < kTile; ++r) {
-    for (int q = 0; q < kTile; ++q) acc[r * kTile + q] = c[r][q];
+  for (int r = 0; r < kRows; ++r) {
+    for (int q = 0; q < kCols; ++q) acc[r * kTile + q] = c[r][q];
   }
 }
 
@@ -89,13 +96,12 @@ REGGAN_CPU_INLINE void fill_run(acc_t* dst, const RunRead<in_t>& run, int64_t n,
 // sample, what the segment reads into a scratch of runs: per input row the group reads and
 // residue of the column modulo stride_w, the inputs the segment's pixels read through it, zero
 // where they are padding (in_runs of them); then the group's outputs; then a run of ones (the
-// bias) and one of zeros (rows of the last tile past the augmented rows). Every augmented
-// design row [z, y] of a vector is then kWidth consecutive values of one run, taps of the same
-// input row starting at different columns, so each input is converted once for all the taps
-// and vectors that read it. Then, vector by vector, it adds the chunk's augmented Gram, tile by
-// tile, to the vector's accumulator. At the end the accumulators are added to gram, cross and
-// target_sq; each statistic is written by one task, in a fixed order: the result is
-// deterministic.
+// bias). Every augmented design row [z, y] of a vector is then kWidth consecutive values of
+// one run, taps of the same input row starting at different columns, so each input is
+// converted once for all the taps and vectors that read it. Then, vector by vector, it adds
+// the chunk's augmented Gram, tile by tile, to the vector's accumulator. At the end the
+// accumulators are added to gram, cross and target_sq; each statistic is written by one task,
+// in a fixed order: the result is deterministic.
 template <typename in_t, typename acc_t>
 void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                 const RidgeGeometry& rg) {
@@ -106,7 +112,7 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t taps = rg.taps(), d = rg.unknowns(), out_per_group = g.out_per_group();
   const int64_t rows = d + out_per_group;
   const int64_t blocks = (rows + kTile - 1) / kTile;
-  const int64_t padded_rows = blocks * kTile;
+  const int64_t padded_rows = blocks * kTile;  // the rows past `rows` are never read
   const int64_t acc_size = blocks * (blocks + 1) / 2 * kTile * kTile;
   const int64_t chunk =
       std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 64);
@@ -126,8 +132,19 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t first_shift = shift(0);
   const int64_t width = (segment * W + shift(g.kernel_w - 1) - first_shift + W - 1) / W * W;
   const int64_t in_runs = g.in_per_group() * g.kernel_h * g.stride_w;
-  const int64_t ones_run = in_runs + out_per_group, zeros_run = ones_run + 1;
-  const int64_t sample_values = (zeros_run + 1) * width;
+  const int64_t ones_run = in_runs + out_per_group;
+  const int64_t sample_values = (ones_run + 1) * width;
+  // Where augmented row a of the segment's first vector starts in a sample's runs.
+  std::vector<int64_t> row_offsets(rows);
+  for (int64_t a = 0; a < rows; ++a) {
+    if (a < taps) {
+      const Tap t = tap_of(a, g);
+      const int64_t run = (t.channel * g.kernel_h + t.u) * g.stride_w + residue(t.v);
+      row_offsets[a] = run * width + shift(t.v) - first_shift;
+    } else {
+      row_offsets[a] = (a < d ? ones_run : in_runs + a - d) * width;
+    }
+  }
   const int64_t work = g.batch * rows * rows * W * segment;
   at::parallel_for(0, g.groups * g.out_height * segments,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
@@ -199,29 +216,18 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
           }
         }
         for (int64_t v = 0; v < count_vectors; ++v) {
-          for (int64_t a = 0; a < padded_rows; ++a) {
-            int64_t run = zeros_run, start = v * W;
-            if (a < taps) {
-              const Tap t = tap_of(a, g);
-              run = (t.channel * g.kernel_h + t.u) * g.stride_w + residue(t.v);
-              start += shift(t.v) - first_shift;
-            } else if (a < d) {
-              run = ones_run;
-            } else if (a < rows) {
-              run = in_runs + a - d;
-            }
-            row_starts[a] = scratch + run * width + start;
-          }
+          for (int64_t a = 0; a < rows; ++a) row_starts[a] = scratch + row_offsets[a] + v * W;
           V* vector_acc = acc.data() + v * acc_size;
           for (int64_t ta = 0; ta < blocks; ++ta) {
             const acc_t* const* a_rows = row_starts.data() + ta * kTile;
             for (int64_t tb = ta; tb < blocks; ++tb) {
               V* t = vector_acc + packed_index(tb, ta) * kTile * kTile;
+              const int64_t cols = std::min<int64_t>(kTile, rows - tb * kTile);
               if (ta == tb) {
-                gram_tile<true>(a_rows, a_rows, sample_values, count, t);
+                gram_tile<true>(cols, a_rows, a_rows, sample_values, count, t);
               } else {
-                gram_tile<false>(a_rows, row_starts.data() + tb * kTile, sample_values, count,
-                                 t);
+                gram_tile<false>(cols, a_rows, row_starts.data() + tb * kTile, sample_values,
+                                 count, t);
               }
             }
           }
