@@ -29,7 +29,8 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 16;
-// Samples per pass are chosen so that their design rows fit in about this much of L1.
+// Samples per pass are chosen so that a vector's design rows for them fit in about this much
+// of L1.
 constexpr int64_t kScratchBytes = 32 << 10;
 // The accumulators of the vectors of pixels a task owns fit in about this much of L2.
 constexpr int64_t kAccumulatorBytes = 512 << 10;

@@ -112,7 +112,7 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t taps = rg.taps(), d = rg.unknowns(), out_per_group = g.out_per_group();
   const int64_t rows = d + out_per_group;
   const int64_t blocks = (rows + kTile - 1) / kTile;
-  const int64_t padded_rows = blocks * kTile;  // the rows past `rows` are never read
+  const int64_t padded_rows = blocks * kTile;
   const int64_t acc_size = blocks * (blocks + 1) / 2 * kTile * kTile;
   const int64_t chunk =
       std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 64);
@@ -158,7 +158,7 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
     std::vector<RunRead<in_t>> runs;
     // The cache lines the runs read: address in sample 0, sample stride.
     std::vector<std::pair<const in_t*, int64_t>> lines;
-    std::vector<const acc_t*> row_starts(padded_rows);
+    std::vector<const acc_t*> row_starts(rows);
     std::vector<std::tuple<acc_t*, int64_t, int64_t>> destinations;  // plane, (a, b)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (g.out_height * segments);
