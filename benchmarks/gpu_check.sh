@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh [REPORT_DIR]     (default: gpu_report/)
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's arch),
 # STEP_TIMEOUT (seconds per step, default 1800), FULL_SUITE=0 to skip the CPU-only tests,
-# SANITIZER_TOOLS (default "memcheck racecheck").
+# SANITIZER_TOOLS (default "memcheck racecheck"; empty for none), QUICK=1 for the loop of kernel
+# work on a short lease: the build, the local_regression CUDA tests, the x16 table and ncu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report_dir=${1:-gpu_report}
@@ -41,27 +42,33 @@ step "build with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" env REGGAN_E
   $py setup.py build_ext --inplace
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 step "CUDA kernels registered" $py -c "import reggan_ext; assert reggan_ext.cuda_built(); print('ok')"
-step "CUDA tests" $py -m pytest -q -p no:cacheprovider -k cuda tests
-for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-  step "compute-sanitizer --tool $tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    $py benchmarks/gpu_sanitizer_workload.py
-done
-step "benchmark local_regression_table (CUDA, the issue's batches)" \
-  $py benchmarks/local_regression_table.py --device cuda
+quick=${QUICK:-0}
+if [ "$quick" = 1 ]; then
+  step "CUDA tests (local_regression)" $py -m pytest -q -p no:cacheprovider \
+    tests/test_local_regression_cuda.py
+else
+  step "CUDA tests" $py -m pytest -q -p no:cacheprovider -k cuda tests
+  for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
+    step "compute-sanitizer --tool $tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      $py benchmarks/gpu_sanitizer_workload.py
+  done
+  step "benchmark local_regression_table (CUDA, the issue's batches)" \
+    $py benchmarks/local_regression_table.py --device cuda
+fi
 step "benchmark local_regression_table (CUDA, batches x16)" \
   $py benchmarks/local_regression_table.py --device cuda --batch-multiplier 16
-step "benchmark ridge_table (CUDA)" $py benchmarks/ridge_table.py --device cuda
+[ "$quick" = 1 ] || step "benchmark ridge_table (CUDA)" $py benchmarks/ridge_table.py --device cuda
 # Where the time goes: throughput, occupancy and stall reasons of the three kernels on the
 # per-channel k3 case with 256 images (clocks left alone, as ncu would otherwise lock them).
-TAIL_LINES=400 step "ncu: local_regression kernels, N256 per-channel 128x128 k3" ncu --clock-control none \
-  -k "regex:forward_kernel|backward_input_kernel|backward_weight_kernel" -c 3 \
-  --section SpeedOfLight --section Occupancy --section WarpStateStats \
-  $py -c "import sys, torch; sys.path.insert(0, 'benchmarks')
-from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn, scaled_cases
-case = scaled_cases(CASES, 16)['N256 3->3 per-channel 128x128 k3']
-pass_fn(IMPLEMENTATIONS['kernel'], case, 'cuda', torch.float32, 'forward+backward')()
-torch.cuda.synchronize()"
-if [ "${FULL_SUITE:-1}" != 0 ]; then
+# The whole output goes to ncu.txt; the report keeps the lines that say most.
+step "ncu: local_regression kernels, N256 per-channel 128x128 k3 (all of it in ncu.txt)" \
+  sh -c "ncu --clock-control none \
+    -k 'regex:forward_kernel|backward_input_kernel|backward_weight_kernel|sum_splits_kernel' \
+    -c 4 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    $py benchmarks/gpu_ncu_workload.py > '$report_dir/ncu.txt' 2>&1 &&
+    grep -E '_kernel<|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|stalled|represents about' \
+      '$report_dir/ncu.txt'"
+if [ "$quick" != 1 ] && [ "${FULL_SUITE:-1}" != 0 ]; then
   # The application's tests first: with a GPU present they train and synthesize on it.
   step "the rest of the tests" $py -m pytest -q -p no:cacheprovider -k "not cuda" \
     tests/test_reggan_app.py tests/test_reggan_evaluate.py tests
