@@ -200,6 +200,24 @@ REGGAN_HD bool quad_columns(const LocalGeometry& g) {
   return unit_columns(g) && g.in_width % 4 == 0 && g.out_width % 4 == 0;
 }
 
+// line[k] = row[first + k] for k < 4 * kCount (first a multiple of 4), loaded by whole quads:
+// those that hold a k in [need_begin, need_end) and lie inside [0, width); zeros elsewhere.
+template <int kCount, typename scalar_t, typename index_t>
+REGGAN_HD void load_quad_line(const scalar_t* __restrict__ row, index_t first, index_t width,
+                              index_t need_begin, index_t need_end,
+                              acc_type<scalar_t> (&line)[4 * kCount]) {
+  REGGAN_UNROLL
+  for (int q = 0; q < kCount; ++q) {
+    const index_t at = first + 4 * q;
+    if (4 * q < need_end && 4 * q + 3 >= need_begin && at >= 0 && at < width) {
+      load_quad(row + at, line + 4 * q);
+    } else {
+      REGGAN_UNROLL
+      for (int k = 0; k < 4; ++k) line[4 * q + k] = acc_type<scalar_t>(0);
+    }
+  }
+}
+
 template <typename index_t>
 REGGAN_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
 
@@ -218,18 +236,9 @@ REGGAN_HD void load_row_window(const scalar_t* __restrict__ row, index_t col, in
     constexpr int kShift = (4 - kQuads) % 4;
     static_assert(kCols == 4, "quad columns are blocks of 4");
     constexpr int kQuadCount = (kShift + kCols + kTapColumns - 1 + 3) / 4;
-    const index_t first = col - kShift;
     acc_t line[4 * kQuadCount];
-    REGGAN_UNROLL
-    for (int q = 0; q < kQuadCount; ++q) {
-      const index_t at = first + 4 * q;
-      if (4 * q < kShift + columns + taps - 1 && at >= 0 && at < width) {
-        load_quad(row + at, line + 4 * q);
-      } else {
-        REGGAN_UNROLL
-        for (int k = 0; k < 4; ++k) line[4 * q + k] = acc_t(0);
-      }
-    }
+    load_quad_line<kQuadCount>(row, col - kShift, width, index_t(kShift),
+                               kShift + columns + taps - 1, line);
     REGGAN_UNROLL
     for (int vv = 0; vv < kTapColumns; ++vv) {
       REGGAN_UNROLL
@@ -477,18 +486,9 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
             // Output columns s0 + pad_w - v0 - vv + ss, from (kQuads - vv) % 4 past a quad
             // boundary: the quad there and, unless that is 0, the next one.
             const int shift = (kQuads - vv) & 3;
-            const index_t first = s0 + pad_w - v0 - vv - shift;
             acc_t quads[8];
-            REGGAN_UNROLL
-            for (int q = 0; q < 2; ++q) {
-              const index_t at = first + 4 * q;
-              if (vv < taps && (q == 0 || shift > 0) && at >= 0 && at < out_w) {
-                load_quad(w + (w_row + (v0 + vv) * out_plane + at), quads + 4 * q);
-              } else {
-                REGGAN_UNROLL
-                for (int k = 0; k < 4; ++k) quads[4 * q + k] = acc_t(0);
-              }
-            }
+            load_quad_line<2>(w + (w_row + (v0 + vv) * out_plane), s0 + pad_w - v0 - vv - shift,
+                              out_w, index_t(shift), index_t(vv < taps ? shift + 4 : 0), quads);
             REGGAN_UNROLL
             for (int ss = 0; ss < kCols; ++ss) weight[vv][ss] = quads[shift + ss];
           } else {
@@ -511,18 +511,11 @@ REGGAN_HD void backward_input_elements(const scalar_t* __restrict__ grad_y,
             // As below, with first kShift columns past a quad boundary.
             constexpr int kShift = (kQuads + 1) % 4;
             constexpr int kQuadCount = (kShift + kCols + kTapColumns - 1 + 3) / 4;
-            const index_t first = s0 + pad_w - v0 - (kTapColumns - 1) - kShift;
             acc_t line[4 * kQuadCount];
-            REGGAN_UNROLL
-            for (int q = 0; q < kQuadCount; ++q) {
-              const index_t at = first + 4 * q;
-              if (4 * q + 3 >= kShift + kTapColumns - taps && at >= 0 && at < out_w) {
-                load_quad(gy_row + (image[t] + at), line + 4 * q);
-              } else {
-                REGGAN_UNROLL
-                for (int k = 0; k < 4; ++k) line[4 * q + k] = acc_t(0);
-              }
-            }
+            load_quad_line<kQuadCount>(gy_row + image[t],
+                                       s0 + pad_w - v0 - (kTapColumns - 1) - kShift, out_w,
+                                       kShift + kTapColumns - taps,
+                                       index_t(kShift + kCols + kTapColumns - 1), line);
             REGGAN_UNROLL
             for (int vv = 0; vv < kTapColumns; ++vv) {
               REGGAN_UNROLL
