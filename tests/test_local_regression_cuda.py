@@ -137,10 +137,13 @@ def blocked_geometry(kernel, padding, width):
     return (batch, channels, channels, (height, width), kernel, (1, 1), padding, (1, 1), channels)
 
 
-def misaligned(t):
-    """A contiguous copy of t one element past an aligned address."""
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    return storage[1:].view(t.shape).copy_(t)
+def misaligned(args):
+    """args with each tensor replaced by a contiguous copy one element past an aligned address."""
+    def shift(t):
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        return storage[1:].view(t.shape).copy_(t)
+
+    return {k: shift(v) if torch.is_tensor(v) else v for k, v in args.items()}
 
 
 # Widths of whole quads (each pad_w % 4) take the quad-column kernels; 130 does not.
@@ -157,7 +160,7 @@ def test_blocked_kernels(dtype, kernel, padding, width):
     loads): the same sums in the same order, so equal bit for bit in every dtype."""
     args = random_arguments(blocked_geometry(kernel, padding, width), dtype, "cuda")
     aligned = run_ops(args)
-    shifted = run_ops({k: misaligned(v) if torch.is_tensor(v) else v for k, v in args.items()})
+    shifted = run_ops(misaligned(args))
     names = ("forward", "grad_input", "grad_weight")
     for name, got, want in zip(names, aligned, shifted):
         assert torch.equal(got, want), f"{name}: aligned and misaligned tensors differ"
@@ -177,8 +180,7 @@ def test_split_batch_weight_gradient(dtype):
     args = random_arguments(geometry, dtype, "cuda")
     _, _, gw = run_ops(args)
     assert torch.equal(gw, run_ops(args)[2])
-    _, _, shifted = run_ops({k: misaligned(v) if torch.is_tensor(v) else v
-                             for k, v in args.items()})
+    _, _, shifted = run_ops(misaligned(args))
     assert torch.equal(gw, shifted)
     want = run_ops(to_cpu({k: v.double() if torch.is_tensor(v) else v
                            for k, v in args.items()}))[2]
