@@ -121,13 +121,15 @@ at::Tensor backward_weight_cuda(const at::Tensor& grad_output, const at::Tensor&
                                   "local_regression_backward_weight_cuda", [&] {
     using acc_t = acc_type<typename CudaScalar<scalar_t>::type>;
     // Stream-ordered by the caching allocator: free for reuse once the kernels have run.
-    at::Tensor workspace =
-        at::empty({workspace_elements},
-                  input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor workspace;
+    if (workspace_elements > 0) {
+      workspace = at::empty({workspace_elements},
+                            input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    }
     check_launch(launch_local_regression_backward_weight(
                      cuda_data<scalar_t>(gy), cuda_data<scalar_t>(x),
                      cuda_mutable_data<scalar_t>(grad_w),
-                     workspace_elements > 0 ? workspace.mutable_data_ptr<acc_t>() : nullptr, g,
+                     workspace.defined() ? workspace.mutable_data_ptr<acc_t>() : nullptr, g,
                      current_stream(x)),
                  "local_regression_backward_weight");
   });
