@@ -5,11 +5,11 @@ import torch  # noqa: F401  (loads libtorch, which the kernels library links aga
 from reggan_ext import _C  # noqa: F401  (loads the library that registers the ops)
 from reggan_ext import reference
 from reggan_ext.modules import LocalRegression
-from reggan_ext.ops import cuda_built, local_regression
+from reggan_ext.ops import cpu_cache_bytes, cuda_built, empty_cpu_cache, local_regression
 from reggan_ext.ridge import RidgeFitter, fit_local_regression, ridge_loss
 
 __all__ = [
-    "LocalRegression", "RidgeFitter", "cuda_built", "fit_local_regression", "local_regression",
-    "reference", "ridge_loss",
+    "LocalRegression", "RidgeFitter", "cpu_cache_bytes", "cuda_built", "empty_cpu_cache",
+    "fit_local_regression", "local_regression", "reference", "ridge_loss",
 ]
 __version__ = "0.1.0"

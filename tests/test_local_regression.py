@@ -274,6 +274,58 @@ print(torch.ops.reggan_ext.ridge_cpu_isa())
         assert out.split()[-1] == isa
 
 
+class TestCpuOutputCache:
+    """Outputs of 32 MiB or more reuse freed blocks of their size (csrc/common/cpu_output_cache)."""
+
+    # A float64 weight gradient of 8 * 8 * 9 * 80 * 100 * 8 bytes, 35.2 MiB.
+    KERNEL, SIZE, CHANNELS = 3, (80, 100), 8
+
+    def weight_gradient(self, seed):
+        torch.manual_seed(seed)
+        x = torch.randn(2, self.CHANNELS, *self.SIZE, dtype=torch.float64)
+        grad_y = torch.randn_like(x)
+        grad_w = ops.local_regression_backward_weight(grad_y, x, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+        w = torch.zeros_like(grad_w)
+        _, _, expected, _ = reference_grads(
+            lambda xx, ww, _: reference.local_regression(xx, ww, None, 1, 1, 1, 1),
+            x, w, None, grad_y)
+        return grad_w, expected
+
+    def test_a_freed_block_is_reused_and_wholly_rewritten(self):
+        reggan_ext.empty_cpu_cache()
+        grad_w, expected = self.weight_gradient(0)
+        assert grad_w.nbytes >= 32 << 20
+        torch.testing.assert_close(grad_w, expected, **TOLERANCES[torch.float64])
+        first_block, nbytes = grad_w.data_ptr(), grad_w.nbytes
+        del grad_w
+        assert reggan_ext.cpu_cache_bytes() >= nbytes
+        # The same block, still holding the first gradient, must come back fully overwritten.
+        reused, expected = self.weight_gradient(1)
+        assert reused.data_ptr() == first_block
+        torch.testing.assert_close(reused, expected, **TOLERANCES[torch.float64])
+        held, _ = self.weight_gradient(2)
+        assert held.data_ptr() != reused.data_ptr()
+        del reused, held
+        assert reggan_ext.empty_cpu_cache() >= 2 * nbytes
+        assert reggan_ext.cpu_cache_bytes() == 0
+
+    def test_accumulated_gradients_in_cached_blocks(self):
+        reggan_ext.empty_cpu_cache()
+        layer = LocalRegression(self.CHANNELS, self.CHANNELS, self.KERNEL, self.SIZE, padding=1,
+                                dtype=torch.float64)
+        x = torch.randn(2, self.CHANNELS, *self.SIZE, dtype=torch.float64)
+        layer(x).square().sum().backward()
+        once = layer.weight.grad.clone()
+        layer(x).square().sum().backward()
+        torch.testing.assert_close(layer.weight.grad, 2 * once, rtol=1e-12, atol=0)
+
+    def test_small_outputs_are_not_cached(self):
+        reggan_ext.empty_cpu_cache()
+        layer, x = random_layer_inputs(2, 3, 3, (16, 16), 3, padding=1, groups=3)
+        layer(x.requires_grad_()).sum().backward()
+        assert reggan_ext.cpu_cache_bytes() == 0
+
+
 def test_nan_propagates():
     layer, x = random_layer_inputs(1, 3, 3, (8, 8), 3, padding=1, groups=3)
     x[0, 1, 4, 4] = math.nan

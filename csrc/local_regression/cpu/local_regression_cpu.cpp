@@ -18,15 +18,13 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include "common/cpu_isa.h"
 #include "common/cpu_lanes.h"
+#include "common/cpu_output_cache.h"
 #include "local_regression/local_regression.h"
 
 namespace reggan_ext {
@@ -58,22 +56,6 @@ void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step,
     for (int64_t t = begin; t < end; ++t) dst[t] = src[first + t * step];
   }
   std::fill(dst + end, dst + count, T(0));
-}
-
-// Asks for transparent huge pages under a fresh output. An output of tens of MiB (a weight
-// gradient) is mmapped afresh by every call, and faulting it in 4 KiB at a time cost as much as
-// computing it; in 2 MiB pages it faults about 5x faster. Only the 2 MiB-aligned interior can be
-// huge. Advisory: where THP is off the kernel ignores it, and so do we.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t data = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (data + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (data + t.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
 }
 
 }  // namespace
@@ -184,9 +166,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty(output_shape(g), input.options());
+  at::Tensor y = empty_cpu_output(output_shape(g), input.options());
   if (y.numel() == 0) return y;
-  advise_huge_pages(y);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "local_regression_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -205,9 +186,8 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& w
   check_cpu_dtype("grad_output", grad_output);
   const at::Tensor gy = grad_output.contiguous();
   const at::Tensor w = weight.contiguous();
-  at::Tensor grad_x = at::empty(input_shape(g), grad_output.options());
+  at::Tensor grad_x = empty_cpu_output(input_shape(g), grad_output.options());
   if (grad_x.numel() == 0) return grad_x;
-  advise_huge_pages(grad_x);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "local_regression_backward_input_cpu", [&] {
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -227,9 +207,8 @@ at::Tensor backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& 
   check_cpu_dtype("input", input);
   const at::Tensor gy = grad_output.contiguous();
   const at::Tensor x = input.contiguous();
-  at::Tensor grad_w = at::empty(weight_shape(g), input.options());
+  at::Tensor grad_w = empty_cpu_output(weight_shape(g), input.options());
   if (grad_w.numel() == 0) return grad_w;
-  advise_huge_pages(grad_w);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "local_regression_backward_weight_cpu", [&] {
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
