@@ -32,7 +32,8 @@ def median_seconds(fn, device, min_run_time):
     fn()  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # Timer runs its statement on one thread unless told otherwise.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

@@ -521,3 +521,21 @@ def test_table_measures_peak_memory_below_a_large_parent():
     del ballast
     # At least the output and the three gradients (3 + 3 + 1.7 + 0.2 MiB) are new.
     assert int(out) > 7 * 2**20
+
+
+def test_table_times_with_the_threads_it_reports(monkeypatch):
+    """torch.utils.benchmark.Timer runs on one thread by default, which once made the table time
+    the kernels single-threaded under a header that named every thread."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    import local_regression_table
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        local_regression_table.median_seconds(lambda: seen.append(torch.get_num_threads()),
+                                              "cpu", 0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {2}
