@@ -539,3 +539,17 @@ def test_table_times_with_the_threads_it_reports(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen and set(seen) == {2}
+
+
+def test_compare_builds_times_both_builds(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "compare_builds.py")
+    out = subprocess.run(
+        [sys.executable, script, root, root, "--rounds", "1", "--seconds", "0.01", "--pass",
+         "forward", "--case", "per-channel 128x128 k3"],
+        check=True, capture_output=True, text=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| N16")]
+    assert len(rows) == 1 and float(rows[0].split("|")[-2]) > 0
+    missing = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "holds no reggan_ext package" in missing.stderr

@@ -1,0 +1,85 @@
+"""Times the LocalRegression benchmark cases under two builds of reggan_ext, in subprocesses that
+alternate between the builds round by round, so that both see the same drift of a shared, noisy
+machine. A build is a source tree whose reggan_ext/_C has been built in place
+(`python setup.py build_ext --inplace`), e.g. a `git worktree` of the commit to compare with.
+
+    python benchmarks/compare_builds.py BASELINE_TREE [CANDIDATE_TREE] [--pass forward+backward]
+                                        [--rounds 4] [--seconds 1.5] [--case SUBSTRING ...]
+
+Prints, per case, the median and fastest time of each build over the rounds and their ratio."""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def time_in_this_process(case_name, which, seconds):
+    """Child: the mean seconds of one pass over repetitions filling `seconds`."""
+    import torch
+
+    sys.path.insert(0, HERE)
+    from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn
+
+    fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
+    fn()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("baseline", help="source tree of the baseline build")
+    parser.add_argument("candidate", nargs="?", default=os.path.dirname(HERE),
+                        help="source tree of the candidate build (default: this one)")
+    parser.add_argument("--pass", dest="which", default="forward+backward",
+                        choices=["forward", "backward", "forward+backward"])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=1.5, help="timed per run")
+    parser.add_argument("--case", nargs="*", default=[],
+                        help="substrings selecting cases (default: every case)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(time_in_this_process(args.child[0], args.child[1], args.seconds))
+        return
+    sys.path.insert(0, HERE)
+    from local_regression_cases import CASES
+
+    builds = {"baseline": os.path.abspath(args.baseline),
+              "candidate": os.path.abspath(args.candidate)}
+    for tree in builds.values():
+        if not os.path.isdir(os.path.join(tree, "reggan_ext")):
+            sys.exit(f"{tree} holds no reggan_ext package")
+    cases = [name for name in CASES if not args.case or any(s in name for s in args.case)]
+    if not cases:
+        sys.exit(f"no case matches {args.case}; the cases: {list(CASES)}")
+    times = {(case, build): [] for case in cases for build in builds}
+    for _ in range(args.rounds):
+        for case in cases:
+            for build, tree in builds.items():
+                out = subprocess.run(
+                    [sys.executable, __file__, tree, "--seconds", str(args.seconds),
+                     "--child", case, args.which],
+                    env=dict(os.environ, PYTHONPATH=tree), cwd=tree, check=True,
+                    capture_output=True, text=True).stdout
+                times[case, build].append(float(out.split()[-1]))
+    print(f"{args.which}, ms, {args.rounds} alternating rounds of {args.seconds} s each")
+    print("| case | baseline median (min) | candidate median (min) | candidate / baseline |")
+    print("| --- | ---: | ---: | ---: |")
+    for case in cases:
+        base, cand = times[case, "baseline"], times[case, "candidate"]
+        print(f"| {case} | {statistics.median(base) * 1e3:.3f} ({min(base) * 1e3:.3f}) | "
+              f"{statistics.median(cand) * 1e3:.3f} ({min(cand) * 1e3:.3f}) | "
+              f"{statistics.median(cand) / statistics.median(base):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
