@@ -319,6 +319,17 @@ class TestCpuOutputCache:
         layer(x).square().sum().backward()
         torch.testing.assert_close(layer.weight.grad, 2 * once, rtol=1e-12, atol=0)
 
+    def test_at_most_1_gib_of_freed_blocks_is_kept(self):
+        reggan_ext.empty_cpu_cache()
+        x = torch.rand(1, 1, 2900, 2900)  # 32.1 MiB: a 1x1 layer's output of the same size
+        w, b = torch.rand(1, 1, 1, 1, 2900, 2900), torch.rand(1, 2900, 2900)
+        outputs = [local_regression(x, w, b) for _ in range(33)]  # 33 blocks of 34 MiB, live
+        torch.testing.assert_close(outputs[-1], x * w[:, 0, 0] + b)
+        block = outputs[0].nbytes
+        del outputs
+        assert 1024 * 2**20 - 2 * block < reggan_ext.cpu_cache_bytes() <= 1024 * 2**20
+        reggan_ext.empty_cpu_cache()
+
     def test_small_outputs_are_not_cached(self):
         reggan_ext.empty_cpu_cache()
         layer, x = random_layer_inputs(2, 3, 3, (16, 16), 3, padding=1, groups=3)
