@@ -65,12 +65,14 @@ def main():
     for _ in range(args.rounds):
         for case in cases:
             for build, tree in builds.items():
-                out = subprocess.run(
+                child = subprocess.run(
                     [sys.executable, __file__, tree, "--seconds", str(args.seconds),
                      "--child", case, args.which],
-                    env=dict(os.environ, PYTHONPATH=tree), cwd=tree, check=True,
-                    capture_output=True, text=True).stdout
-                times[case, build].append(float(out.split()[-1]))
+                    env=dict(os.environ, PYTHONPATH=tree), cwd=tree, capture_output=True,
+                    text=True)
+                if child.returncode != 0:
+                    sys.exit(f"the {build} build ({tree}) failed on {case}:\n{child.stderr}")
+                times[case, build].append(float(child.stdout.split()[-1]))
     print(f"{args.which}, ms, {args.rounds} alternating rounds of {args.seconds} s each")
     print("| case | baseline median (min) | candidate median (min) | candidate / baseline |")
     print("| --- | ---: | ---: | ---: |")

@@ -567,3 +567,11 @@ def test_compare_builds_times_both_builds(tmp_path):
     missing = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "holds no reggan_ext package" in missing.stderr
+    # A package that fails to import: the child's traceback reaches the user.
+    (tmp_path / "reggan_ext").mkdir()
+    (tmp_path / "reggan_ext" / "__init__.py").write_text("raise ImportError('not built')\n")
+    broken = subprocess.run([sys.executable, script, str(tmp_path), build, "--rounds", "1",
+                             "--seconds", "0.01", "--case", "per-channel 128x128 k3"],
+                            capture_output=True, text=True)
+    assert broken.returncode != 0 and "the baseline build" in broken.stderr
+    assert "ImportError: not built" in broken.stderr
