@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import reggan_ext
-from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn
+from local_regression_cases import CASES, IMPLEMENTATIONS, PASSES, pass_fn
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and reggan_ext.cuda_built() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("which", ["forward", "backward", "forward+backward"])
+@pytest.mark.parametrize("which", PASSES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_local_regression(benchmark, case, which, impl, device):
     fn = pass_fn(IMPLEMENTATIONS[impl], CASES[case], device, torch.float32, which)

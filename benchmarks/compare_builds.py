@@ -15,16 +15,15 @@ import subprocess
 import sys
 import time
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from local_regression_cases import CASES, IMPLEMENTATIONS, PASSES, pass_fn  # noqa: E402
 
 
 def time_in_this_process(case_name, which, seconds):
     """Child: the mean seconds of one pass over repetitions filling `seconds`."""
-    import torch
-
-    sys.path.insert(0, HERE)
-    from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn
-
     fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
     fn()
     start, calls = time.perf_counter(), 0
@@ -40,7 +39,7 @@ def main():
     parser.add_argument("candidate", nargs="?", default=os.path.dirname(HERE),
                         help="source tree of the candidate build (default: this one)")
     parser.add_argument("--pass", dest="which", default="forward+backward",
-                        choices=["forward", "backward", "forward+backward"])
+                        choices=PASSES)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=1.5, help="timed per run")
     parser.add_argument("--case", nargs="*", default=[],
@@ -50,9 +49,6 @@ def main():
     if args.child:
         print(time_in_this_process(args.child[0], args.child[1], args.seconds))
         return
-    sys.path.insert(0, HERE)
-    from local_regression_cases import CASES
-
     builds = {"baseline": os.path.abspath(args.baseline),
               "candidate": os.path.abspath(args.candidate)}
     for tree in builds.values():

@@ -15,6 +15,8 @@ CASES = {
 }
 QUICK_CASES = {"N2 3->3 per-channel 16x16 k3": (2, 3, 16, 3, 3)}
 
+PASSES = ("forward", "backward", "forward+backward")
+
 IMPLEMENTATIONS = {
     "kernel": reggan_ext.local_regression,
     "shifted": reference.local_regression_shifted,

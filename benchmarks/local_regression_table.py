@@ -23,9 +23,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_regression_cases import (  # noqa: E402
-    CASES, IMPLEMENTATIONS, QUICK_CASES, pass_fn, scaled_cases, traffic_bytes)
-
-PASSES = ("forward", "backward", "forward+backward")
+    CASES, IMPLEMENTATIONS, PASSES, QUICK_CASES, pass_fn, scaled_cases, traffic_bytes)
 
 
 def median_seconds(fn, device, min_run_time):
