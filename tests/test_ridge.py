@@ -178,6 +178,28 @@ def test_long_design_rows_over_wide_rows(geometry, dtype, device):
         assert_close(stats[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("geometry", [
+    dict(cin=3, cout=3, groups=3, k=3, padding="same", size=(10, 37)),
+    dict(cin=2, cout=4, groups=2, k=5, padding=2, stride=(2, 1), size=(11, 21)),
+    dict(cin=2, cout=2, groups=2, k=(3, 2), dilation=(2, 3), padding=(2, 1), size=(9, 19)),
+    dict(cin=1, cout=3, k=7, padding=3, size=(6, 70)),
+    dict(cin=4, cout=2, groups=2, k=3, padding=1, size=(7, 18))],
+    ids=["per-channel-k3", "per-channel-k5-strided", "per-channel-dilated",
+         "one-input-three-outputs-k7", "two-inputs-per-group"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_samples_over_row_bands(geometry, dtype, device):
+    """More samples than one pass of the CPU kernel takes, and output heights that its bands of
+    rows do not divide: with one input channel per group it sums products that the entries of
+    neighbouring rows and columns share, with more it sums the Gram's entries."""
+    layer = make_layer(device=device, **geometry)
+    x, y = make_data(layer, 70, device=device)
+    stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+    expected = numpy_statistics(layer, x.to(dtype), y.to(dtype))
+    for key, value in expected.items():
+        assert_close(stats[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 @pytest.mark.parametrize("penalize_bias", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
@@ -624,19 +646,22 @@ def test_cpu_instruction_set_paths_agree():
 import torch, reggan_ext
 from reggan_ext.ridge import ridge_statistics_reference, ridge_solve_reference
 torch.manual_seed(0)
-layer = reggan_ext.LocalRegression(4, 6, 3, (9, 21), groups=2, padding='same',
-                                   dtype=torch.float64)
-x, y = torch.randn(13, 4, 9, 21), torch.randn(13, 6, 9, 21)
-expected = ridge_statistics_reference(layer, x.double(), y.double())
-lam = torch.full((2, 9, 21), 0.5, dtype=torch.float64)
-solution, _ = ridge_solve_reference(expected['gram'], expected['cross'], lam, True)
 worst = 0.0  # largest relative error over its tolerance
-for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-4)):
-    stats = reggan_ext.RidgeFitter(layer, dtype=dtype).update(x, y).statistics
-    got, _ = torch.ops.reggan_ext.ridge_solve(stats['gram'], stats['cross'], lam.to(dtype), True)
-    pairs = [(stats[k], expected[k]) for k in ('gram', 'cross', 'target_sq')]
-    for a, b in pairs + [(got, solution)]:
-        worst = max(worst, float((a.double() - b).abs().max() / b.abs().max()) / tol)
+# Two input channels per group, and one (the accumulation's two ways to sum).
+for cin, groups in ((4, 2), (2, 2)):
+    layer = reggan_ext.LocalRegression(cin, 6, 3, (9, 21), groups=groups, padding='same',
+                                       dtype=torch.float64)
+    x, y = torch.randn(13, cin, 9, 21), torch.randn(13, 6, 9, 21)
+    expected = ridge_statistics_reference(layer, x.double(), y.double())
+    lam = torch.full((groups, 9, 21), 0.5, dtype=torch.float64)
+    solution, _ = ridge_solve_reference(expected['gram'], expected['cross'], lam, True)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-4)):
+        stats = reggan_ext.RidgeFitter(layer, dtype=dtype).update(x, y).statistics
+        got, _ = torch.ops.reggan_ext.ridge_solve(stats['gram'], stats['cross'], lam.to(dtype),
+                                                  True)
+        pairs = [(stats[k], expected[k]) for k in ('gram', 'cross', 'target_sq')]
+        for a, b in pairs + [(got, solution)]:
+            worst = max(worst, float((a.double() - b).abs().max() / b.abs().max()) / tol)
 print(torch.ops.reggan_ext.ridge_cpu_isa(), worst)
 """
     runnable = {"AVX512": [("avx512", "avx512"), ("avx2", "avx2"), ("default", "baseline")],

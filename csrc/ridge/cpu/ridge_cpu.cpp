@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <new>
 #include <string>
 #include <tuple>
@@ -29,11 +30,14 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 16;
-// Samples per pass are chosen so that a vector's design rows for them fit in about this much
-// of L1.
+// Samples per pass of the accumulation are chosen so that what a vector of pixels reads of them
+// fits in about this much of L1.
 constexpr int64_t kScratchBytes = 32 << 10;
 // The accumulators of the vectors of pixels a task owns fit in about this much of L2.
 constexpr int64_t kAccumulatorBytes = 512 << 10;
+// Output rows per task of the accumulation: the entries of neighbouring rows share products
+// and input rows.
+constexpr int64_t kBandRows = 4;
 // How many statistics entries ahead the accumulation prefetches those it adds to.
 constexpr size_t kPrefetchEntries = 4;
 // How many samples ahead the accumulation prefetches the inputs it reads.
@@ -47,6 +51,7 @@ constexpr int64_t kPrefetchSamples = 4;
 namespace ridge_avx512 {
 constexpr int kVectorBytes = 64;
 constexpr int kTile = 4;  // 16 accumulators + 5 operands of 32 registers
+constexpr int kBlockRows = 2, kBlockCols = 8;  // 16 accumulators + 3 operands
 constexpr int kSolveParts = 4;
 #include "ridge/cpu/ridge_cpu_kernels.h"
 }  // namespace ridge_avx512
@@ -57,6 +62,7 @@ constexpr int kSolveParts = 4;
 namespace ridge_avx2 {
 constexpr int kVectorBytes = 32;
 constexpr int kTile = 3;  // 9 accumulators + 4 operands of 16 registers
+constexpr int kBlockRows = 2, kBlockCols = 4;  // 8 accumulators + 3 operands
 constexpr int kSolveParts = 4;
 #include "ridge/cpu/ridge_cpu_kernels.h"
 }  // namespace ridge_avx2
@@ -66,6 +72,7 @@ constexpr int kSolveParts = 4;
 namespace ridge_baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kTile = 3;
+constexpr int kBlockRows = 2, kBlockCols = 4;
 constexpr int kSolveParts = 4;
 #include "ridge/cpu/ridge_cpu_kernels.h"
 }  // namespace ridge_baseline

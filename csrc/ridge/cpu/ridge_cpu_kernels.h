@@ -1,8 +1,9 @@
 // CPU kernels of the ridge ops, vectorized across pixels. ridge_cpu.cpp includes this file once
 // per instruction set, inside a namespace that defines kVectorBytes (the SIMD width in bytes),
-// kTile (the side of the register tile of the Gram update) and kSolveParts (registers of
-// systems factored side by side), after including everything it uses and defining the tuning
-// constants. Hence no include guard and no includes.
+// kTile (the side of the register tiles of accumulate_gram), kBlockRows x kBlockCols (the
+// register blocks of accumulate_products) and kSolveParts (registers of systems factored side
+// by side), after including everything it uses and defining the tuning constants. Hence no
+// include guard and no includes.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
@@ -75,6 +76,62 @@ inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_ro
   }
 }
 
+// Makes the compiler hold v in a register: a loaded value that several multiply-adds use would
+// otherwise be loaded again as the memory operand of each.
+template <typename V>
+REGGAN_CPU_INLINE void keep_in_register(V& v) {
+#if defined(__x86_64__)
+  __asm__("" : "+v"(v));
+#endif
+}
+
+// acc[(r * kBlockCols + q) * acc_stride] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
+// (vectors of kWidth values) for n < samples, r < kRows, q < kCols: a block of products held in
+// registers across the samples, each vector loaded once for the products of its row or column.
+template <int kRows, int kCols, typename T, typename V>
+REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_t* b,
+                                     int64_t stride, int64_t samples, V* acc,
+                                     int64_t acc_stride) {
+  using L = Lanes<T>;
+  V c[kRows][kCols];
+  for (int r = 0; r < kRows; ++r) {
+    for (int q = 0; q < kCols; ++q) c[r][q] = acc[(r * kBlockCols + q) * acc_stride];
+  }
+  for (int64_t n = 0; n < samples; ++n) {
+    const T* sample = at + n * stride;
+    V av[kRows];
+    for (int r = 0; r < kRows; ++r) av[r] = L::load(sample + a[r], L::kWidth);
+    for (int q = 0; q < kCols; ++q) {
+      V bv = L::load(sample + b[q], L::kWidth);
+      keep_in_register(bv);
+      for (int r = 0; r < kRows; ++r) c[r][q] += av[r] * bv;
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int q = 0; q < kCols; ++q) acc[(r * kBlockCols + q) * acc_stride] = c[r][q];
+  }
+}
+
+// product_block for 1 <= rows <= kBlockRows and 1 <= cols <= kBlockCols known at run time.
+template <int kRows = kBlockRows, int kCols = kBlockCols, typename T, typename V>
+void sized_product_block(int64_t rows, int64_t cols, const T* at, const int64_t* a,
+                         const int64_t* b, int64_t stride, int64_t samples, V* acc,
+                         int64_t acc_stride) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) {
+      return sized_product_block<kRows - 1, kCols>(rows, cols, at, a, b, stride, samples, acc,
+                                                   acc_stride);
+    }
+  }
+  if constexpr (kCols > 1) {
+    if (cols < kCols) {
+      return sized_product_block<kRows, kCols - 1>(rows, cols, at, a, b, stride, samples, acc,
+                                                   acc_stride);
+    }
+  }
+  product_block<kRows, kCols>(at, a, b, stride, samples, acc, acc_stride);
+}
+
 // Writes the `width` values of sample n that `run` reads to dst, converted.
 template <typename in_t, typename acc_t>
 REGGAN_CPU_INLINE void fill_run(acc_t* dst, const RunRead<in_t>& run, int64_t n, int64_t width) {
@@ -91,20 +148,161 @@ REGGAN_CPU_INLINE void fill_run(acc_t* dst, const RunRead<in_t>& run, int64_t n,
   std::fill(dst + run.end, dst + width, acc_t(0));
 }
 
-// Statistics of one update. A task owns a group and a segment of up to `segment` vectors of
-// kWidth consecutive pixels of an output row. For a chunk of samples it first copies, sample by
-// sample, what the segment reads into a scratch of runs: per input row the group reads and
-// residue of the column modulo stride_w, the inputs the segment's pixels read through it, zero
-// where they are padding (in_runs of them); then the group's outputs; then a run of ones (the
-// bias). Every augmented design row [z, y] of a vector is then kWidth consecutive values of
-// one run, taps of the same input row starting at different columns, so each input is
-// converted once for all the taps and vectors that read it. Then, vector by vector, it adds
-// the chunk's augmented Gram, tile by tile, to the vector's accumulator. At the end the
-// accumulators are added to gram, cross and target_sq; each statistic is written by one task,
-// in a fixed order: the result is deterministic.
+// The scratch of an accumulation task (see accumulate): per sample, runs of `width` values. A
+// task owns a group, a band of `band` consecutive output rows from row i0, and a segment of
+// output columns from column j0: per input channel of the group, input row i0 * stride_h -
+// pad_h + offset (offset in input_offsets) and residue r of the column modulo stride_w, the run
+// of the inputs the segment's pixels read through it, zero where they are padding; then the
+// group's outputs, row by row of the band (`lanes` values each, none past the last row); then
+// a run of ones (the bias), which the caller fills once.
+template <typename in_t>
+struct TaskRuns {
+  std::vector<RunRead<in_t>> runs;
+  // The cache lines the runs read: address in sample 0, sample stride.
+  std::vector<std::pair<const in_t*, int64_t>> lines;
+
+  void set(const in_t* x, const in_t* y, const LocalGeometry& g,
+           const std::vector<int64_t>& input_offsets, int64_t band, int64_t group, int64_t i0,
+           int64_t j0, int64_t first_shift, int64_t width, int64_t lanes) {
+    const int64_t c0 = group * g.in_per_group();
+    runs.clear();
+    for (int64_t c = 0; c < g.in_per_group(); ++c) {
+      for (const int64_t input_offset : input_offsets) {
+        const int64_t in_row = g.input_row(i0, 0) + input_offset;
+        for (int64_t r = 0; r < g.stride_w; ++r) {
+          // Value k of the run is input column (j0 + first_shift + k) * stride_w + r.
+          const int64_t offset = (j0 + first_shift) * g.stride_w + r;
+          int64_t kb = 0, ke = 0;
+          if (in_row >= 0 && in_row < g.in_height) {
+            valid_output_range(offset, g.stride_w, g.in_width, width, &kb, &ke);
+          }
+          runs.push_back(RunRead<in_t>{x, g.in_channels * g.in_plane(),
+                                       ((c0 + c) * g.in_height + in_row) * g.in_width + offset,
+                                       g.stride_w, kb, ke});
+        }
+      }
+    }
+    for (int64_t b = 0; b < band; ++b) {
+      for (int64_t o = 0; o < g.out_per_group(); ++o) {
+        const int64_t oc = group * g.out_per_group() + o;
+        runs.push_back(RunRead<in_t>{y, g.out_channels * g.out_plane(),
+                                     (oc * g.out_height + i0 + b) * g.out_width + j0, 1, 0,
+                                     i0 + b < g.out_height ? lanes : 0});
+      }
+    }
+    lines.clear();
+    for (const RunRead<in_t>& run : runs) {
+      for (int64_t k = run.begin; k < run.end; ++k) {
+        const in_t* p = run.data + run.offset + k * run.step;
+        if (lines.empty() || lines.back().second != run.sample_stride ||
+            reinterpret_cast<uintptr_t>(lines.back().first) / 64 !=
+                reinterpret_cast<uintptr_t>(p) / 64) {
+          lines.emplace_back(p, run.sample_stride);
+        }
+      }
+    }
+  }
+
+  // Copies samples [n0, n0 + count) of the runs to scratch, sample_values apart.
+  template <typename acc_t>
+  void fill(acc_t* scratch, int64_t sample_values, int64_t width, int64_t n0, int64_t count,
+            int64_t batch) const {
+    for (int64_t s = 0; s < count; ++s) {
+      const int64_t n = n0 + s;
+      // Samples lie far apart in memory, beyond the hardware prefetchers' reach. Into L2: the
+      // lines of a few samples are more than L1 can have in flight.
+      if (n + kPrefetchSamples < batch) {
+        for (const auto& [p, stride] : lines) {
+          __builtin_prefetch(p + (n + kPrefetchSamples) * stride, 0, 2);
+        }
+      }
+      for (size_t k = 0; k < runs.size(); ++k) {
+        fill_run(scratch + s * sample_values + k * width, runs[k], n, width);
+      }
+    }
+  }
+};
+
+// Adds a task's sums to the statistics: for each row b < rows of its band from output row i0
+// and each entry (a, c) of the augmented Gram, values(b, packed_index(c, a)) gives the entry's
+// sums for the segment's pixels from column j0 (`lanes` of them): vector v of them at
+// values + v * stride. Entry (a, c) goes to G for c < d, R for a < d <= c, y^2 for a = c >= d.
+// The segment's pixels of an entry are contiguous in the statistics, and the entries lie a
+// plane apart: prefetch a few entries ahead.
+template <typename acc_t, typename Values>
+void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeGeometry& rg,
+                       int64_t group, int64_t i0, int64_t rows, int64_t j0, int64_t lanes,
+                       int64_t stride, const Values& values,
+                       std::vector<std::pair<acc_t*, const acc_t*>>& destinations) {
+  using L = Lanes<acc_t>;
+  constexpr int64_t W = L::kWidth;
+  const LocalGeometry& g = rg.layer;
+  const int64_t d = rg.unknowns(), packed = rg.packed_size(), pixels = g.out_plane();
+  destinations.clear();
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t p0 = (i0 + b) * g.out_width + j0;
+    for (int64_t a = 0; a < d; ++a) {
+      for (int64_t c = a; c < d; ++c) {
+        destinations.emplace_back(gram + (group * packed + packed_index(c, a)) * pixels + p0,
+                                  values(b, packed_index(c, a)));
+      }
+    }
+    for (int64_t o = 0; o < g.out_per_group(); ++o) {
+      const int64_t oc = group * g.out_per_group() + o;
+      for (int64_t a = 0; a < d; ++a) {
+        destinations.emplace_back(cross + (oc * d + a) * pixels + p0,
+                                  values(b, packed_index(d + o, a)));
+      }
+      destinations.emplace_back(target_sq + oc * pixels + p0,
+                                values(b, packed_index(d + o, d + o)));
+    }
+  }
+  for (size_t e = 0; e < destinations.size(); ++e) {
+    if (e + kPrefetchEntries < destinations.size()) {
+      for (int64_t l = 0; l < lanes; l += 64 / int64_t(sizeof(acc_t))) {
+        __builtin_prefetch(destinations[e + kPrefetchEntries].first + l, 1);
+      }
+    }
+    const auto [dst, src] = destinations[e];
+    for (int64_t v = 0; v * W < lanes; ++v) {
+      const int64_t n = std::min(W, lanes - v * W);
+      L::store(dst + v * W, L::load(dst + v * W, n) + L::load(src + v * stride, n), n);
+    }
+  }
+}
+
+// Kernel column v of a layer reads column j + shift of residue `residue` modulo stride_w for
+// output column j.
+struct ColumnShift {
+  int64_t shift, residue;
+};
+
+inline ColumnShift column_shift(const LocalGeometry& g, int64_t v) {
+  const int64_t offset = g.col_offset(v);
+  const int64_t shift = (offset >= 0 ? offset : offset - g.stride_w + 1) / g.stride_w;
+  return {shift, offset - shift * g.stride_w};
+}
+
+// The statistics of one update (ridge_accumulate_). A task owns a group, a band of consecutive
+// output rows and a segment of up to `segment` vectors of kWidth consecutive pixels of those
+// rows. For a chunk of samples it first copies what the task reads into a scratch of runs
+// (TaskRuns): row a of the augmented design [z, y] of pixel k of a row of the band is then
+// value shift_a + k of a run, so each input is converted once for all the taps that read it.
+// It then sums the chunk's augmented Gram in registers into the task's accumulators, and at the
+// end adds them to gram, cross and target_sq. Each statistic is written by one task and its
+// samples are summed in order: the result is deterministic. Two ways to sum:
+//  - accumulate_gram: entry by entry, in kTile x kTile tiles of the Gram, one output row a task;
+//  - accumulate_products: entry (a, b) is sum_n run_a[shift_a + k] * run_b[shift_b + k], and the
+//    entries of the band's rows that read the same two runs at the same distance shift_b -
+//    shift_a are one product of two runs, read at different k. Per channel, 4 rows at k = 3
+//    need 84 products for their 264 entries; at k = 7, 1066 for 5304.
+// With one input channel per group (RegGAN's per-channel layer) the products are measured
+// 1.5x (k = 3) to 3.3x (k = 7) faster (benchmarks/ridge_table.py); with many, their
+// accumulators outgrow the caches and the Gram's tiles are faster (16 -> 16 channels, k = 3,
+// 64 x 64: 1.3x).
 template <typename in_t, typename acc_t>
-void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
-                const RidgeGeometry& rg) {
+void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
+                     const RidgeGeometry& rg) {
   using L = Lanes<acc_t>;
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
@@ -114,35 +312,36 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t blocks = (rows + kTile - 1) / kTile;
   const int64_t padded_rows = blocks * kTile;
   const int64_t acc_size = blocks * (blocks + 1) / 2 * kTile * kTile;
+  // Samples per pass: a vector's design rows for them fit in about kScratchBytes of L1.
   const int64_t chunk =
       std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 64);
   const int64_t row_vectors = (g.out_width + W - 1) / W;
   const int64_t segment = std::clamp<int64_t>(
       kAccumulatorBytes / (acc_size * int64_t(sizeof(V))), 1, row_vectors);
   const int64_t segments = (row_vectors + segment - 1) / segment;
-  const int64_t pixels = g.out_plane(), packed = rg.packed_size();
-  const int64_t in_sample = g.in_channels * g.in_plane();
-  const int64_t out_sample = g.out_channels * pixels;
-  // Kernel column v reads column j + shift(v) of residue residue(v) for output column j.
-  const auto shift = [&](int64_t v) {
-    const int64_t offset = g.col_offset(v);
-    return (offset >= 0 ? offset : offset - g.stride_w + 1) / g.stride_w;
-  };
-  const auto residue = [&](int64_t v) { return g.col_offset(v) - shift(v) * g.stride_w; };
-  const int64_t first_shift = shift(0);
-  const int64_t width = (segment * W + shift(g.kernel_w - 1) - first_shift + W - 1) / W * W;
+  const int64_t first_shift = column_shift(g, 0).shift;
+  const int64_t span = column_shift(g, g.kernel_w - 1).shift - first_shift;
+  const int64_t width = (segment * W + span + W - 1) / W * W;
+  std::vector<int64_t> input_offsets(g.kernel_h);
+  for (int64_t u = 0; u < g.kernel_h; ++u) input_offsets[u] = u * g.dilation_h;
   const int64_t in_runs = g.in_per_group() * g.kernel_h * g.stride_w;
   const int64_t ones_run = in_runs + out_per_group;
   const int64_t sample_values = (ones_run + 1) * width;
-  // Where augmented row a of the segment's first vector starts in a sample's runs.
-  std::vector<int64_t> row_offsets(rows);
+  // Where augmented row a of the segment's first vector starts in a sample's runs, and where
+  // entry packed_index(b, a) is in a vector's accumulators, in values.
+  std::vector<int64_t> row_offsets(rows), entry_values(rows * (rows + 1) / 2);
   for (int64_t a = 0; a < rows; ++a) {
     if (a < taps) {
       const Tap t = tap_of(a, g);
-      const int64_t run = (t.channel * g.kernel_h + t.u) * g.stride_w + residue(t.v);
-      row_offsets[a] = run * width + shift(t.v) - first_shift;
+      const ColumnShift cs = column_shift(g, t.v);
+      const int64_t run = (t.channel * g.kernel_h + t.u) * g.stride_w + cs.residue;
+      row_offsets[a] = run * width + cs.shift - first_shift;
     } else {
       row_offsets[a] = (a < d ? ones_run : in_runs + a - d) * width;
+    }
+    for (int64_t b = a; b < rows; ++b) {
+      entry_values[packed_index(b, a)] =
+          ((packed_index(b / kTile, a / kTile) * kTile + a % kTile) * kTile + b % kTile) * W;
     }
   }
   const int64_t work = g.batch * rows * rows * W * segment;
@@ -155,66 +354,20 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
     for (int64_t s = 0; s < chunk; ++s) {
       std::fill_n(scratch + s * sample_values + ones_run * width, width, acc_t(1));
     }
-    std::vector<RunRead<in_t>> runs;
-    // The cache lines the runs read: address in sample 0, sample stride.
-    std::vector<std::pair<const in_t*, int64_t>> lines;
+    TaskRuns<in_t> task_runs;
     std::vector<const acc_t*> row_starts(rows);
-    std::vector<std::tuple<acc_t*, int64_t, int64_t>> destinations;  // plane, (a, b)
+    std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (g.out_height * segments);
       const int64_t i = task / segments % g.out_height;
       const int64_t first = task % segments * segment;
       const int64_t count_vectors = std::min(segment, row_vectors - first);
-      const int64_t segment_lanes = std::min(count_vectors * W, g.out_width - first * W);
-      const int64_t c0 = group * g.in_per_group();
+      const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
       acc.zero();
-      runs.clear();
-      for (int64_t c = 0; c < g.in_per_group(); ++c) {
-        for (int64_t u = 0; u < g.kernel_h; ++u) {
-          const int64_t in_row = g.input_row(i, u);
-          for (int64_t r = 0; r < g.stride_w; ++r) {
-            // Value k of the run is input column (first * W + first_shift + k) * stride_w + r.
-            const int64_t offset = (first * W + first_shift) * g.stride_w + r;
-            int64_t kb = 0, ke = 0;
-            if (in_row >= 0 && in_row < g.in_height) {
-              valid_output_range(offset, g.stride_w, g.in_width, width, &kb, &ke);
-            }
-            runs.push_back(RunRead<in_t>{
-                x, in_sample, ((c0 + c) * g.in_height + in_row) * g.in_width + offset,
-                g.stride_w, kb, ke});
-          }
-        }
-      }
-      for (int64_t o = 0; o < out_per_group; ++o) {
-        const int64_t oc = group * out_per_group + o;
-        runs.push_back(RunRead<in_t>{
-            y, out_sample, (oc * g.out_height + i) * g.out_width + first * W, 1, 0, segment_lanes});
-      }
-      lines.clear();
-      for (const RunRead<in_t>& run : runs) {
-        for (int64_t k = run.begin; k < run.end; ++k) {
-          const in_t* p = run.data + run.offset + k * run.step;
-          if (lines.empty() || lines.back().second != run.sample_stride ||
-              reinterpret_cast<uintptr_t>(lines.back().first) / 64 !=
-                  reinterpret_cast<uintptr_t>(p) / 64) {
-            lines.emplace_back(p, run.sample_stride);
-          }
-        }
-      }
+      task_runs.set(x, y, g, input_offsets, 1, group, i, first * W, first_shift, width, lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
-        for (int64_t s = 0; s < count; ++s) {
-          const int64_t n = n0 + s;
-          // Samples lie far apart in memory, beyond the hardware prefetchers' reach.
-          if (n + kPrefetchSamples < g.batch) {
-            for (const auto& [p, stride] : lines) {
-              __builtin_prefetch(p + (n + kPrefetchSamples) * stride);
-            }
-          }
-          for (size_t k = 0; k < runs.size(); ++k) {
-            fill_run(scratch + s * sample_values + k * width, runs[k], n, width);
-          }
-        }
+        task_runs.fill(scratch, sample_values, width, n0, count, g.batch);
         for (int64_t v = 0; v < count_vectors; ++v) {
           for (int64_t a = 0; a < rows; ++a) row_starts[a] = scratch + row_offsets[a] + v * W;
           V* vector_acc = acc.data() + v * acc_size;
@@ -233,41 +386,203 @@ void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
           }
         }
       }
-      // Entry (a, b) of the augmented Gram goes to G for b < d, R for a < d <= b, y^2 for
-      // a = b >= d. The segment's pixels of an entry are contiguous in the statistics, and the
-      // entries lie a plane apart: prefetch a few entries ahead.
-      destinations.clear();
-      for (int64_t a = 0; a < d; ++a) {
-        for (int64_t b = a; b < d; ++b) {
-          destinations.emplace_back(gram + (group * packed + packed_index(b, a)) * pixels, a, b);
-        }
-      }
-      for (int64_t o = 0; o < out_per_group; ++o) {
-        const int64_t oc = group * out_per_group + o;
-        for (int64_t a = 0; a < d; ++a) {
-          destinations.emplace_back(cross + (oc * d + a) * pixels, a, d + o);
-        }
-        destinations.emplace_back(target_sq + oc * pixels, d + o, d + o);
-      }
-      const int64_t p0 = i * g.out_width + first * W;
-      for (size_t e = 0; e < destinations.size(); ++e) {
-        if (e + kPrefetchEntries < destinations.size()) {
-          acc_t* ahead = std::get<0>(destinations[e + kPrefetchEntries]) + p0;
-          for (int64_t l = 0; l < segment_lanes; l += 64 / int64_t(sizeof(acc_t))) {
-            __builtin_prefetch(ahead + l, 1);
-          }
-        }
-        const auto [plane, a, b] = destinations[e];
-        const int64_t index =
-            (packed_index(b / kTile, a / kTile) * kTile + a % kTile) * kTile + b % kTile;
-        for (int64_t v = 0; v < count_vectors; ++v) {
-          acc_t* dst = plane + p0 + v * W;
-          const int64_t lanes = std::min(W, segment_lanes - v * W);
-          L::store(dst, L::load(dst, lanes) + acc[v * acc_size + index], lanes);
-        }
-      }
+      const acc_t* sums = reinterpret_cast<const acc_t*>(acc.data());
+      add_to_statistics(
+          gram, cross, target_sq, rg, group, i, 1, first * W, lanes, acc_size * W,
+          [&](int64_t, int64_t entry) { return sums + entry_values[entry]; }, destinations);
     }
   });
+}
+
+template <typename in_t, typename acc_t>
+void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross,
+                         acc_t* target_sq, const RidgeGeometry& rg) {
+  using L = Lanes<acc_t>;
+  using V = typename L::value;
+  constexpr int64_t W = L::kWidth;
+  const LocalGeometry& g = rg.layer;
+  const int64_t taps = rg.taps(), d = rg.unknowns(), out_per_group = g.out_per_group();
+  const int64_t rows = d + out_per_group;
+  const int64_t entries = rows * (rows + 1) / 2;
+  const int64_t band = std::min<int64_t>(kBandRows, g.out_height);
+  const int64_t bands = (g.out_height + band - 1) / band;
+  const int64_t first_shift = column_shift(g, 0).shift;
+  const int64_t span = column_shift(g, g.kernel_w - 1).shift - first_shift;
+  // The input rows a band reads, as offsets from the first one's.
+  std::map<int64_t, int64_t> input_of;
+  for (int64_t b = 0; b < band; ++b) {
+    for (int64_t u = 0; u < g.kernel_h; ++u) input_of[b * g.stride_h + u * g.dilation_h] = 0;
+  }
+  std::vector<int64_t> input_offsets;
+  for (auto& [offset, index] : input_of) {
+    index = int64_t(input_offsets.size());
+    input_offsets.push_back(offset);
+  }
+  const int64_t in_runs = g.in_per_group() * int64_t(input_offsets.size()) * g.stride_w;
+  const int64_t ones_run = in_runs + band * out_per_group;
+  // Row a of the augmented design of the band's row b: its run, and the shift it is read from.
+  const auto run_of = [&](int64_t b, int64_t a) {
+    if (a >= d) return in_runs + b * out_per_group + a - d;
+    if (a >= taps) return ones_run;
+    const Tap t = tap_of(a, g);
+    const int64_t input = input_of[b * g.stride_h + t.u * g.dilation_h];
+    return (t.channel * int64_t(input_offsets.size()) + input) * g.stride_w +
+           column_shift(g, t.v).residue;
+  };
+  const auto shift_of = [&](int64_t a) {
+    return a < taps ? column_shift(g, tap_of(a, g).v).shift - first_shift : int64_t(0);
+  };
+  // The products, (first run, second run, distance): the first run is read from shift 0, the
+  // second from the distance on; the ones run is constant, so its products need no shift. For
+  // entry e of the band's row b: its product, entry_product[b * entries + e], and the shift it
+  // is read at, entry_shift[e].
+  using Key = std::tuple<int64_t, int64_t, int64_t>;
+  std::map<Key, int64_t> product_of;
+  std::vector<Key> entry_key(band * entries);
+  std::vector<int64_t> entry_product(entry_key.size()), entry_shift(entries);
+  int64_t max_entry_shift = 0;
+  for (int64_t b = 0; b < band; ++b) {
+    for (int64_t col = 0; col < rows; ++col) {
+      for (int64_t row = 0; row <= col; ++row) {
+        int64_t ra = run_of(b, row), rb = run_of(b, col), sa = shift_of(row), sb = shift_of(col);
+        if (ra == ones_run) sa = sb;
+        if (rb == ones_run) sb = sa;
+        if (sb < sa || (sb == sa && rb < ra)) {
+          std::swap(ra, rb);
+          std::swap(sa, sb);
+        }
+        const int64_t e = packed_index(col, row);
+        entry_key[b * entries + e] = Key{ra, rb, sb - sa};
+        entry_shift[e] = sa;
+        max_entry_shift = std::max(max_entry_shift, sa);
+        product_of[Key{ra, rb, sb - sa}] = 0;
+      }
+    }
+  }
+  // The products are summed in blocks of an outer product: kBlockRows first runs (rows, in
+  // order) by up to kBlockCols of the (second run, distance) pairs (columns, in order) that
+  // products of these rows have. Product (r, q) of block k is accumulator
+  // (k * kBlockRows + r) * kBlockCols + q; a block's other products are summed and not read.
+  std::map<int64_t, int64_t> first_of;
+  for (const auto& [key, unused] : product_of) first_of[std::get<0>(key)] = 0;
+  std::vector<int64_t> first_runs;
+  for (auto& [run, index] : first_of) {
+    index = int64_t(first_runs.size());
+    first_runs.push_back(run);
+  }
+  const int64_t row_blocks = (int64_t(first_runs.size()) + kBlockRows - 1) / kBlockRows;
+  std::vector<std::map<std::pair<int64_t, int64_t>, int64_t>> column_of(row_blocks);
+  for (const auto& [key, unused] : product_of) {
+    const auto [first_run, second_run, distance] = key;
+    column_of[first_of[first_run] / kBlockRows][{second_run, distance}] = 0;
+  }
+  struct Block {
+    int64_t row_block, rows, columns_begin, cols;
+  };
+  std::vector<Block> blocks;
+  std::vector<std::pair<int64_t, int64_t>> columns;  // block by block
+  std::vector<int64_t> block_start(row_blocks);
+  for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    block_start[rb] = int64_t(blocks.size());
+    const int64_t block_rows =
+        std::min<int64_t>(kBlockRows, int64_t(first_runs.size()) - rb * kBlockRows);
+    int64_t q = 0;
+    for (auto& [column, index] : column_of[rb]) {
+      index = q++;
+      if (index % kBlockCols == 0) {
+        blocks.push_back(Block{rb, block_rows, int64_t(columns.size()), 0});
+      }
+      ++blocks.back().cols;
+      columns.push_back(column);
+    }
+  }
+  for (auto& [key, product] : product_of) {
+    const auto [first_run, second_run, distance] = key;
+    const int64_t r = first_of[first_run], q = column_of[r / kBlockRows][{second_run, distance}];
+    const int64_t k = block_start[r / kBlockRows] + q / kBlockCols;
+    product = (k * kBlockRows + r % kBlockRows) * kBlockCols + q % kBlockCols;
+  }
+  const int64_t count_products = int64_t(blocks.size()) * kBlockRows * kBlockCols;
+  const int64_t row_vectors = (g.out_width + W - 1) / W;
+  const int64_t segment = std::clamp<int64_t>(
+      kAccumulatorBytes / (count_products * int64_t(sizeof(V))), 1, row_vectors);
+  const int64_t segments = (row_vectors + segment - 1) / segment;
+  const int64_t width = (segment * W + span + W - 1) / W * W;
+  // The vectors of a product's values that a segment's entries read, at most width / W.
+  const int64_t product_vectors = (segment * W + max_entry_shift + W - 1) / W;
+  const int64_t sample_values = (ones_run + 1) * width;
+  // Samples per pass: a vector's values of every run for them (two cache lines each) fit in
+  // about kScratchBytes of L1.
+  const int64_t chunk = std::clamp<int64_t>(
+      kScratchBytes / (2 * (ones_run + 1) * int64_t(sizeof(V))), 8, 64);
+  // A run of the second factor is read up to `span` values past its end, into the runs after
+  // it (never past the ones run, which is last and read without a shift): those values only
+  // reach accumulator lanes that no entry reads.
+  std::vector<int64_t> first_offsets(first_runs.size()), second_offsets(columns.size());
+  for (size_t r = 0; r < first_runs.size(); ++r) first_offsets[r] = first_runs[r] * width;
+  for (size_t q = 0; q < columns.size(); ++q) {
+    second_offsets[q] = columns[q].first * width + columns[q].second;
+  }
+  // Where the values of entry e of the band's row b start in the accumulators.
+  std::vector<int64_t> entry_values(entry_key.size());
+  for (size_t e = 0; e < entry_key.size(); ++e) {
+    entry_values[e] = product_of[entry_key[e]] * product_vectors * W + entry_shift[e % entries];
+  }
+  const int64_t work = g.batch * count_products * W * segment;
+  at::parallel_for(0, g.groups * bands * segments,
+                   std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
+                   [&](int64_t begin, int64_t end) {
+    VectorBuffer<V> acc(count_products * product_vectors);
+    VectorBuffer<V> scratch_vectors(chunk * sample_values / W);  // zeros
+    acc_t* scratch = reinterpret_cast<acc_t*>(scratch_vectors.data());
+    for (int64_t s = 0; s < chunk; ++s) {
+      std::fill_n(scratch + s * sample_values + ones_run * width, width, acc_t(1));
+    }
+    TaskRuns<in_t> task_runs;
+    std::vector<std::pair<acc_t*, const acc_t*>> destinations;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / (bands * segments);
+      const int64_t i0 = task / segments % bands * band;
+      const int64_t first = task % segments * segment;
+      const int64_t count_vectors = std::min(segment, row_vectors - first);
+      const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
+      const int64_t task_vectors = (lanes + max_entry_shift + W - 1) / W;
+      acc.zero();
+      task_runs.set(x, y, g, input_offsets, band, group, i0, first * W, first_shift, width,
+                    lanes);
+      for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+        const int64_t count = std::min(chunk, g.batch - n0);
+        task_runs.fill(scratch, sample_values, width, n0, count, g.batch);
+        for (int64_t m = 0; m < task_vectors; ++m) {
+          for (size_t k = 0; k < blocks.size(); ++k) {
+            const Block& block = blocks[k];
+            sized_product_block(block.rows, block.cols, scratch + m * W,
+                                first_offsets.data() + block.row_block * kBlockRows,
+                                second_offsets.data() + block.columns_begin, sample_values,
+                                count,
+                                acc.data() + k * kBlockRows * kBlockCols * product_vectors + m,
+                                product_vectors);
+          }
+        }
+      }
+      const acc_t* sums = reinterpret_cast<const acc_t*>(acc.data());
+      add_to_statistics(
+          gram, cross, target_sq, rg, group, i0, std::min(band, g.out_height - i0), first * W,
+          lanes, W,
+          [&](int64_t b, int64_t entry) { return sums + entry_values[b * entries + entry]; },
+          destinations);
+    }
+  });
+}
+
+template <typename in_t, typename acc_t>
+void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
+                const RidgeGeometry& rg) {
+  if (rg.layer.in_per_group() == 1) {
+    accumulate_products(x, y, gram, cross, target_sq, rg);
+  } else {
+    accumulate_gram(x, y, gram, cross, target_sq, rg);
+  }
 }
 
 // Factors every system (gram + lam P) of a batch and hands each task's factor to
