@@ -162,38 +162,26 @@ def test_statistics_match_numpy_and_reference(geometry, device):
     assert fitter.count == 11
 
 
-@pytest.mark.parametrize("geometry", [dict(cin=8, cout=3, groups=1, k=5, padding=2, size=(4, 37)),
-                                      dict(cin=1, cout=1, k=7, padding=3, size=(3, 75))],
-                         ids=["201-unknowns", "50-unknowns"])
+@pytest.mark.parametrize("geometry, samples", [
+    (dict(cin=8, cout=3, groups=1, k=5, padding=2, size=(4, 37)), 5),
+    (dict(cin=1, cout=1, k=7, padding=3, size=(3, 75)), 5),
+    (dict(cin=3, cout=3, groups=3, k=3, padding="same", size=(10, 37)), 70),
+    (dict(cin=2, cout=4, groups=2, k=5, padding=2, stride=(2, 1), size=(11, 21)), 70),
+    (dict(cin=2, cout=2, groups=2, k=(3, 2), dilation=(2, 3), padding=(2, 1), size=(9, 19)), 70),
+    (dict(cin=1, cout=3, k=7, padding=3, size=(6, 70)), 70),
+    (dict(cin=4, cout=2, groups=2, k=3, padding=1, size=(7, 18)), 70)],
+    ids=["201-unknowns", "50-unknowns", "per-channel-k3", "per-channel-k5-strided",
+         "per-channel-dilated", "one-input-three-outputs-k7", "two-inputs-per-group"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_long_design_rows_over_wide_rows(geometry, dtype, device):
-    """Design rows long enough and output rows wide enough that the CPU kernel splits a row
-    into segments of one or several vectors of pixels, the last one partial."""
+def test_statistics_over_segments_bands_and_passes(geometry, samples, dtype, device):
+    """Where the CPU kernel splits its work: design rows long enough and output rows wide
+    enough that a row is split into segments of one or several vectors of pixels, the last one
+    partial; output heights that its bands of rows do not divide; more samples than one pass
+    takes. With one input channel per group it sums products that the entries of neighbouring
+    rows and columns share, with more the Gram's entries."""
     layer = make_layer(device=device, **geometry)
-    x, y = make_data(layer, 5, device=device)
-    stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
-    expected = numpy_statistics(layer, x.to(dtype), y.to(dtype))
-    for key, value in expected.items():
-        assert_close(stats[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
-
-
-@pytest.mark.parametrize("geometry", [
-    dict(cin=3, cout=3, groups=3, k=3, padding="same", size=(10, 37)),
-    dict(cin=2, cout=4, groups=2, k=5, padding=2, stride=(2, 1), size=(11, 21)),
-    dict(cin=2, cout=2, groups=2, k=(3, 2), dilation=(2, 3), padding=(2, 1), size=(9, 19)),
-    dict(cin=1, cout=3, k=7, padding=3, size=(6, 70)),
-    dict(cin=4, cout=2, groups=2, k=3, padding=1, size=(7, 18))],
-    ids=["per-channel-k3", "per-channel-k5-strided", "per-channel-dilated",
-         "one-input-three-outputs-k7", "two-inputs-per-group"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_many_samples_over_row_bands(geometry, dtype, device):
-    """More samples than one pass of the CPU kernel takes, and output heights that its bands of
-    rows do not divide: with one input channel per group it sums products that the entries of
-    neighbouring rows and columns share, with more it sums the Gram's entries."""
-    layer = make_layer(device=device, **geometry)
-    x, y = make_data(layer, 70, device=device)
+    x, y = make_data(layer, samples, device=device)
     stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
     expected = numpy_statistics(layer, x.to(dtype), y.to(dtype))
     for key, value in expected.items():

@@ -148,24 +148,33 @@ REGGAN_CPU_INLINE void fill_run(acc_t* dst, const RunRead<in_t>& run, int64_t n,
   std::fill(dst + run.end, dst + width, acc_t(0));
 }
 
-// The scratch of an accumulation task (see accumulate): per sample, runs of `width` values. A
-// task owns a group, a band of `band` consecutive output rows from row i0, and a segment of
-// output columns from column j0: per input channel of the group, input row i0 * stride_h -
-// pad_h + offset (offset in input_offsets) and residue r of the column modulo stride_w, the run
-// of the inputs the segment's pixels read through it, zero where they are padding; then the
-// group's outputs, row by row of the band (`lanes` values each, none past the last row); then
-// a run of ones (the bias), which the caller fills once.
-template <typename in_t>
-struct TaskRuns {
-  std::vector<RunRead<in_t>> runs;
-  // The cache lines the runs read: address in sample 0, sample stride.
-  std::vector<std::pair<const in_t*, int64_t>> lines;
+// The scratch of an accumulation task (see accumulate): for each of `chunk` samples, runs of
+// `width` values, `sample_values` apart. A task owns a group, a band of `band` consecutive
+// output rows from row i0, and a segment of output columns from column j0: per input channel
+// of the group, input row i0 * stride_h - pad_h + offset (offset in input_offsets) and residue
+// r of the column modulo stride_w, the run of the inputs the segment's pixels read through it,
+// zero where they are padding; then the group's outputs, row by row of the band (`lanes`
+// values each, none past the last row); then a run of ones (the bias).
+template <typename in_t, typename acc_t>
+class TaskRuns {
+ public:
+  TaskRuns(int64_t chunk, int64_t sample_values, int64_t width, int64_t ones_run)
+      : scratch_(chunk * sample_values / Lanes<acc_t>::kWidth),  // zeros
+        sample_values_(sample_values),
+        width_(width) {
+    for (int64_t s = 0; s < chunk; ++s) {
+      std::fill_n(scratch() + s * sample_values + ones_run * width, width, acc_t(1));
+    }
+  }
+
+  acc_t* scratch() { return reinterpret_cast<acc_t*>(scratch_.data()); }
 
   void set(const in_t* x, const in_t* y, const LocalGeometry& g,
            const std::vector<int64_t>& input_offsets, int64_t band, int64_t group, int64_t i0,
-           int64_t j0, int64_t first_shift, int64_t width, int64_t lanes) {
+           int64_t j0, int64_t first_shift, int64_t lanes) {
+    const int64_t width = width_;
     const int64_t c0 = group * g.in_per_group();
-    runs.clear();
+    runs_.clear();
     for (int64_t c = 0; c < g.in_per_group(); ++c) {
       for (const int64_t input_offset : input_offsets) {
         const int64_t in_row = g.input_row(i0, 0) + input_offset;
@@ -176,7 +185,7 @@ struct TaskRuns {
           if (in_row >= 0 && in_row < g.in_height) {
             valid_output_range(offset, g.stride_w, g.in_width, width, &kb, &ke);
           }
-          runs.push_back(RunRead<in_t>{x, g.in_channels * g.in_plane(),
+          runs_.push_back(RunRead<in_t>{x, g.in_channels * g.in_plane(),
                                        ((c0 + c) * g.in_height + in_row) * g.in_width + offset,
                                        g.stride_w, kb, ke});
         }
@@ -185,42 +194,47 @@ struct TaskRuns {
     for (int64_t b = 0; b < band; ++b) {
       for (int64_t o = 0; o < g.out_per_group(); ++o) {
         const int64_t oc = group * g.out_per_group() + o;
-        runs.push_back(RunRead<in_t>{y, g.out_channels * g.out_plane(),
+        runs_.push_back(RunRead<in_t>{y, g.out_channels * g.out_plane(),
                                      (oc * g.out_height + i0 + b) * g.out_width + j0, 1, 0,
                                      i0 + b < g.out_height ? lanes : 0});
       }
     }
-    lines.clear();
-    for (const RunRead<in_t>& run : runs) {
+    lines_.clear();
+    for (const RunRead<in_t>& run : runs_) {
       for (int64_t k = run.begin; k < run.end; ++k) {
         const in_t* p = run.data + run.offset + k * run.step;
-        if (lines.empty() || lines.back().second != run.sample_stride ||
-            reinterpret_cast<uintptr_t>(lines.back().first) / 64 !=
+        if (lines_.empty() || lines_.back().second != run.sample_stride ||
+            reinterpret_cast<uintptr_t>(lines_.back().first) / 64 !=
                 reinterpret_cast<uintptr_t>(p) / 64) {
-          lines.emplace_back(p, run.sample_stride);
+          lines_.emplace_back(p, run.sample_stride);
         }
       }
     }
   }
 
-  // Copies samples [n0, n0 + count) of the runs to scratch, sample_values apart.
-  template <typename acc_t>
-  void fill(acc_t* scratch, int64_t sample_values, int64_t width, int64_t n0, int64_t count,
-            int64_t batch) const {
+  // Copies samples [n0, n0 + count) of the runs to the scratch.
+  void fill(int64_t n0, int64_t count, int64_t batch) {
     for (int64_t s = 0; s < count; ++s) {
       const int64_t n = n0 + s;
       // Samples lie far apart in memory, beyond the hardware prefetchers' reach. Into L2: the
       // lines of a few samples are more than L1 can have in flight.
       if (n + kPrefetchSamples < batch) {
-        for (const auto& [p, stride] : lines) {
+        for (const auto& [p, stride] : lines_) {
           __builtin_prefetch(p + (n + kPrefetchSamples) * stride, 0, 2);
         }
       }
-      for (size_t k = 0; k < runs.size(); ++k) {
-        fill_run(scratch + s * sample_values + k * width, runs[k], n, width);
+      for (size_t k = 0; k < runs_.size(); ++k) {
+        fill_run(scratch() + s * sample_values_ + k * width_, runs_[k], n, width_);
       }
     }
   }
+
+ private:
+  VectorBuffer<typename Lanes<acc_t>::value> scratch_;
+  int64_t sample_values_, width_;
+  std::vector<RunRead<in_t>> runs_;
+  // The cache lines the runs read: address in sample 0, sample stride.
+  std::vector<std::pair<const in_t*, int64_t>> lines_;
 };
 
 // Adds a task's sums to the statistics: for each row b < rows of its band from output row i0
@@ -349,12 +363,8 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(segment * acc_size);
-    VectorBuffer<V> scratch_vectors(chunk * sample_values / W);  // zeros
-    acc_t* scratch = reinterpret_cast<acc_t*>(scratch_vectors.data());
-    for (int64_t s = 0; s < chunk; ++s) {
-      std::fill_n(scratch + s * sample_values + ones_run * width, width, acc_t(1));
-    }
-    TaskRuns<in_t> task_runs;
+    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, ones_run);
+    const acc_t* scratch = task_runs.scratch();
     std::vector<const acc_t*> row_starts(rows);
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
@@ -364,10 +374,10 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
       const int64_t count_vectors = std::min(segment, row_vectors - first);
       const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
       acc.zero();
-      task_runs.set(x, y, g, input_offsets, 1, group, i, first * W, first_shift, width, lanes);
+      task_runs.set(x, y, g, input_offsets, 1, group, i, first * W, first_shift, lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
-        task_runs.fill(scratch, sample_values, width, n0, count, g.batch);
+        task_runs.fill(n0, count, g.batch);
         for (int64_t v = 0; v < count_vectors; ++v) {
           for (int64_t a = 0; a < rows; ++a) row_starts[a] = scratch + row_offsets[a] + v * W;
           V* vector_acc = acc.data() + v * acc_size;
@@ -533,12 +543,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(count_products * product_vectors);
-    VectorBuffer<V> scratch_vectors(chunk * sample_values / W);  // zeros
-    acc_t* scratch = reinterpret_cast<acc_t*>(scratch_vectors.data());
-    for (int64_t s = 0; s < chunk; ++s) {
-      std::fill_n(scratch + s * sample_values + ones_run * width, width, acc_t(1));
-    }
-    TaskRuns<in_t> task_runs;
+    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, ones_run);
+    const acc_t* scratch = task_runs.scratch();
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (bands * segments);
@@ -548,11 +554,10 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
       const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
       const int64_t task_vectors = (lanes + max_entry_shift + W - 1) / W;
       acc.zero();
-      task_runs.set(x, y, g, input_offsets, band, group, i0, first * W, first_shift, width,
-                    lanes);
+      task_runs.set(x, y, g, input_offsets, band, group, i0, first * W, first_shift, lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
-        task_runs.fill(scratch, sample_values, width, n0, count, g.batch);
+        task_runs.fill(n0, count, g.batch);
         for (int64_t m = 0; m < task_vectors; ++m) {
           for (size_t k = 0; k < blocks.size(); ++k) {
             const Block& block = blocks[k];
