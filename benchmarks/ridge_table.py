@@ -9,8 +9,10 @@ padding='same') with kernel k:
     chunked over N, + torch.linalg.cholesky + cholesky_solve) and against the per-pixel loop of
     masked regression (one small np.linalg.solve per pixel, timed on a sample of pixels and
     scaled to all of them);
-  - the Gram accumulation in GFLOP/s (2 flops per multiply-add of the upper triangle with the
-    bias, D(D+1)/2 per sample and pixel) against torch.mm's sgemm rate (2048^3), in turns;
+  - the Gram accumulation in nominal GFLOP/s (2 flops per multiply-add of the upper triangle
+    with the bias, D(D+1)/2 per sample and pixel, over the time; the per-channel CPU kernel
+    shares products among entries and does fewer) against torch.mm's sgemm rate (2048^3), in
+    turns;
   - the batched solve (the ridge_solve op) against torch.linalg.cholesky + cholesky_solve on the
     same systems;
   - the memory of the statistics against the unfolded copy of the data the reference makes.
@@ -152,8 +154,8 @@ def main():
     for k, fit, fit32, ref, per_pixel, *_ in rows:
         print(f"| {k} | {fit:.3f} s | {fit32:.3f} s | {ref:.2f} s | {ref / fit:.1f} | "
               f"{per_pixel:.1f} s | {per_pixel / fit:.0f} |")
-    print("\n| k | sgemm GFLOP/s | Gram update f64 | GFLOP/s | % of sgemm | Gram update f32 | "
-          "GFLOP/s | % of sgemm |")
+    print("\n| k | sgemm GFLOP/s | Gram update f64 | nominal GFLOP/s | % of sgemm | "
+          "Gram update f32 | nominal GFLOP/s | % of sgemm |")
     print("|---|---|---|---|---|---|---|---|")
     for k, _, _, _, _, update, update32, flops, sgemm, *_ in rows:
         print(f"| {k} | {sgemm:.0f} | {update * 1e3:.0f} ms | {flops / update / 1e9:.0f} | "
