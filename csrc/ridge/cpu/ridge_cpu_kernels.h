@@ -309,11 +309,10 @@ inline ColumnShift column_shift(const LocalGeometry& g, int64_t v) {
 //  - accumulate_products: entry (a, b) is sum_n run_a[shift_a + k] * run_b[shift_b + k], and the
 //    entries of the band's rows that read the same two runs at the same distance shift_b -
 //    shift_a are one product of two runs, read at different k. Per channel, 4 rows at k = 3
-//    need 84 products for their 264 entries; at k = 7, 1066 for 5304.
-// With one input channel per group (RegGAN's per-channel layer) the products are measured
-// 1.5x (k = 3) to 3.3x (k = 7) faster (benchmarks/ridge_table.py); with many, their
-// accumulators outgrow the caches and the Gram's tiles are faster (16 -> 16 channels, k = 3,
-// 64 x 64: 1.3x).
+//    need 114 products for their 264 entries; at k = 7, 792 for 5304.
+// The products serve layers with one input channel per group (RegGAN's per-channel layer;
+// benchmarks/ridge_table.py: the float64 accumulation 1.5x faster at k = 3, 4.6x at k = 7);
+// with more, their accumulators outgrow the caches and the Gram's tiles were faster.
 template <typename in_t, typename acc_t>
 void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                      const RidgeGeometry& rg) {
