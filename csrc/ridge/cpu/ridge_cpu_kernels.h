@@ -443,12 +443,12 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   };
   // The products, (first run, second run, distance): the first run is read from shift 0, the
   // second from the distance on; the ones run is constant, so its products need no shift. For
-  // entry e of the band's row b: its product, entry_product[b * entries + e], and the shift it
-  // is read at, entry_shift[e].
+  // entry e of the band's row b: its product, entry_key[b * entries + e], and the shift it is
+  // read at, entry_shift[e].
   using Key = std::tuple<int64_t, int64_t, int64_t>;
   std::map<Key, int64_t> product_of;
   std::vector<Key> entry_key(band * entries);
-  std::vector<int64_t> entry_product(entry_key.size()), entry_shift(entries);
+  std::vector<int64_t> entry_shift(entries);
   int64_t max_entry_shift = 0;
   for (int64_t b = 0; b < band; ++b) {
     for (int64_t col = 0; col < rows; ++col) {
