@@ -48,7 +48,7 @@ def test_gram(benchmark, method, device):
     benchmark.group = f"gram-k5-{device}"
     layer, x, y = workload(5, BATCH, SIZE, device)
     if method == "sgemm-same-flops":
-        n = round((gram_flops(5, BATCH, SIZE) / 2) ** (1 / 3))  # n^3 multiply-adds
+        n = round((gram_flops(layer, BATCH) / 2) ** (1 / 3))  # n^3 multiply-adds
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         fn = lambda: a @ b  # noqa: E731
     else:
