@@ -148,13 +148,76 @@ REGGAN_CPU_INLINE void fill_run(acc_t* dst, const RunRead<in_t>& run, int64_t n,
   std::fill(dst + run.end, dst + width, acc_t(0));
 }
 
-// The scratch of an accumulation task (see accumulate): for each of `chunk` samples, runs of
-// `width` values, `sample_values` apart. A task owns a group, a band of `band` consecutive
-// output rows from row i0, and a segment of output columns from column j0: per input channel
-// of the group, input row i0 * stride_h - pad_h + offset (offset in input_offsets) and residue
-// r of the column modulo stride_w, the run of the inputs the segment's pixels read through it,
-// zero where they are padding; then the group's outputs, row by row of the band (`lanes`
-// values each, none past the last row); then a run of ones (the bias).
+// Kernel column v of a layer reads column j + shift of residue `residue` modulo stride_w for
+// output column j.
+struct ColumnShift {
+  int64_t shift, residue;
+};
+
+inline ColumnShift column_shift(const LocalGeometry& g, int64_t v) {
+  const int64_t offset = g.col_offset(v);
+  const int64_t shift = (offset >= 0 ? offset : offset - g.stride_w + 1) / g.stride_w;
+  return {shift, offset - shift * g.stride_w};
+}
+
+// The runs of an accumulation task's scratch (TaskRuns) for a band of `band` output rows, and
+// the run and shift each row of the augmented design reads: per input channel of the group,
+// input row input_row(i0, 0) + offset (offset in input_offsets) and residue r of the column
+// modulo stride_w, the inputs the segment's pixels read through it; then the group's outputs,
+// row by row of the band; then a run of ones (the bias).
+class RunLayout {
+ public:
+  RunLayout(const RidgeGeometry& rg, int64_t band) : rg_(rg), band_(band) {
+    const LocalGeometry& g = rg.layer;
+    for (int64_t b = 0; b < band; ++b) {
+      for (int64_t u = 0; u < g.kernel_h; ++u) input_of_[b * g.stride_h + u * g.dilation_h] = 0;
+    }
+    for (auto& [offset, index] : input_of_) {
+      index = int64_t(input_offsets_.size());
+      input_offsets_.push_back(offset);
+    }
+    in_runs_ = g.in_per_group() * int64_t(input_offsets_.size()) * g.stride_w;
+    first_shift_ = column_shift(g, 0).shift;
+  }
+
+  int64_t band() const { return band_; }
+  const std::vector<int64_t>& input_offsets() const { return input_offsets_; }
+  int64_t ones_run() const { return in_runs_ + band_ * rg_.layer.out_per_group(); }
+  int64_t first_shift() const { return first_shift_; }
+  // The largest shift a row is read from.
+  int64_t span() const {
+    return column_shift(rg_.layer, rg_.layer.kernel_w - 1).shift - first_shift_;
+  }
+
+  // The run that row a of the augmented design of the band's row b reads.
+  int64_t run(int64_t b, int64_t a) const {
+    const LocalGeometry& g = rg_.layer;
+    const int64_t d = rg_.unknowns();
+    if (a >= d) return in_runs_ + b * g.out_per_group() + a - d;
+    if (a >= rg_.taps()) return ones_run();
+    const Tap t = tap_of(a, g);
+    const int64_t input = input_of_.at(b * g.stride_h + t.u * g.dilation_h);
+    return (t.channel * int64_t(input_offsets_.size()) + input) * g.stride_w +
+           column_shift(g, t.v).residue;
+  }
+  // The value of its run that row a of the augmented design reads for the segment's first pixel.
+  int64_t shift(int64_t a) const {
+    return a < rg_.taps() ? column_shift(rg_.layer, tap_of(a, rg_.layer).v).shift - first_shift_
+                          : 0;
+  }
+
+ private:
+  const RidgeGeometry& rg_;
+  int64_t band_;
+  std::map<int64_t, int64_t> input_of_;  // input row offset -> its index in input_offsets_
+  std::vector<int64_t> input_offsets_;
+  int64_t in_runs_, first_shift_;
+};
+
+// The scratch of an accumulation task (see accumulate): for each of `chunk` samples, the runs
+// of a RunLayout, `width` values each, `sample_values` apart. A task owns a group, a band of
+// output rows from row i0 and a segment of output columns from column j0; inputs outside the
+// image read as zeros, and an output row has `lanes` values (none past the last row).
 template <typename in_t, typename acc_t>
 class TaskRuns {
  public:
@@ -169,21 +232,19 @@ class TaskRuns {
 
   acc_t* scratch() { return reinterpret_cast<acc_t*>(scratch_.data()); }
 
-  void set(const in_t* x, const in_t* y, const LocalGeometry& g,
-           const std::vector<int64_t>& input_offsets, int64_t band, int64_t group, int64_t i0,
-           int64_t j0, int64_t first_shift, int64_t lanes) {
-    const int64_t width = width_;
+  void set(const in_t* x, const in_t* y, const LocalGeometry& g, const RunLayout& layout,
+           int64_t group, int64_t i0, int64_t j0, int64_t lanes) {
     const int64_t c0 = group * g.in_per_group();
     runs_.clear();
     for (int64_t c = 0; c < g.in_per_group(); ++c) {
-      for (const int64_t input_offset : input_offsets) {
+      for (const int64_t input_offset : layout.input_offsets()) {
         const int64_t in_row = g.input_row(i0, 0) + input_offset;
         for (int64_t r = 0; r < g.stride_w; ++r) {
           // Value k of the run is input column (j0 + first_shift + k) * stride_w + r.
-          const int64_t offset = (j0 + first_shift) * g.stride_w + r;
+          const int64_t offset = (j0 + layout.first_shift()) * g.stride_w + r;
           int64_t kb = 0, ke = 0;
           if (in_row >= 0 && in_row < g.in_height) {
-            valid_output_range(offset, g.stride_w, g.in_width, width, &kb, &ke);
+            valid_output_range(offset, g.stride_w, g.in_width, width_, &kb, &ke);
           }
           runs_.push_back(RunRead<in_t>{x, g.in_channels * g.in_plane(),
                                        ((c0 + c) * g.in_height + in_row) * g.in_width + offset,
@@ -191,7 +252,7 @@ class TaskRuns {
         }
       }
     }
-    for (int64_t b = 0; b < band; ++b) {
+    for (int64_t b = 0; b < layout.band(); ++b) {
       for (int64_t o = 0; o < g.out_per_group(); ++o) {
         const int64_t oc = group * g.out_per_group() + o;
         runs_.push_back(RunRead<in_t>{y, g.out_channels * g.out_plane(),
@@ -285,18 +346,6 @@ void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeG
   }
 }
 
-// Kernel column v of a layer reads column j + shift of residue `residue` modulo stride_w for
-// output column j.
-struct ColumnShift {
-  int64_t shift, residue;
-};
-
-inline ColumnShift column_shift(const LocalGeometry& g, int64_t v) {
-  const int64_t offset = g.col_offset(v);
-  const int64_t shift = (offset >= 0 ? offset : offset - g.stride_w + 1) / g.stride_w;
-  return {shift, offset - shift * g.stride_w};
-}
-
 // The statistics of one update (ridge_accumulate_). A task owns a group, a band of consecutive
 // output rows and a segment of up to `segment` vectors of kWidth consecutive pixels of those
 // rows. For a chunk of samples it first copies what the task reads into a scratch of runs
@@ -320,8 +369,7 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
   const LocalGeometry& g = rg.layer;
-  const int64_t taps = rg.taps(), d = rg.unknowns(), out_per_group = g.out_per_group();
-  const int64_t rows = d + out_per_group;
+  const int64_t rows = rg.unknowns() + g.out_per_group();  // of the augmented design
   const int64_t blocks = (rows + kTile - 1) / kTile;
   const int64_t padded_rows = blocks * kTile;
   const int64_t acc_size = blocks * (blocks + 1) / 2 * kTile * kTile;
@@ -332,26 +380,14 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   const int64_t segment = std::clamp<int64_t>(
       kAccumulatorBytes / (acc_size * int64_t(sizeof(V))), 1, row_vectors);
   const int64_t segments = (row_vectors + segment - 1) / segment;
-  const int64_t first_shift = column_shift(g, 0).shift;
-  const int64_t span = column_shift(g, g.kernel_w - 1).shift - first_shift;
-  const int64_t width = (segment * W + span + W - 1) / W * W;
-  std::vector<int64_t> input_offsets(g.kernel_h);
-  for (int64_t u = 0; u < g.kernel_h; ++u) input_offsets[u] = u * g.dilation_h;
-  const int64_t in_runs = g.in_per_group() * g.kernel_h * g.stride_w;
-  const int64_t ones_run = in_runs + out_per_group;
-  const int64_t sample_values = (ones_run + 1) * width;
+  const RunLayout layout(rg, 1);
+  const int64_t width = (segment * W + layout.span() + W - 1) / W * W;
+  const int64_t sample_values = (layout.ones_run() + 1) * width;
   // Where augmented row a of the segment's first vector starts in a sample's runs, and where
   // entry packed_index(b, a) is in a vector's accumulators, in values.
   std::vector<int64_t> row_offsets(rows), entry_values(rows * (rows + 1) / 2);
   for (int64_t a = 0; a < rows; ++a) {
-    if (a < taps) {
-      const Tap t = tap_of(a, g);
-      const ColumnShift cs = column_shift(g, t.v);
-      const int64_t run = (t.channel * g.kernel_h + t.u) * g.stride_w + cs.residue;
-      row_offsets[a] = run * width + cs.shift - first_shift;
-    } else {
-      row_offsets[a] = (a < d ? ones_run : in_runs + a - d) * width;
-    }
+    row_offsets[a] = layout.run(0, a) * width + layout.shift(a);
     for (int64_t b = a; b < rows; ++b) {
       entry_values[packed_index(b, a)] =
           ((packed_index(b / kTile, a / kTile) * kTile + a % kTile) * kTile + b % kTile) * W;
@@ -362,7 +398,7 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(segment * acc_size);
-    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, ones_run);
+    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, layout.ones_run());
     const acc_t* scratch = task_runs.scratch();
     std::vector<const acc_t*> row_starts(rows);
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
@@ -373,7 +409,7 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
       const int64_t count_vectors = std::min(segment, row_vectors - first);
       const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
       acc.zero();
-      task_runs.set(x, y, g, input_offsets, 1, group, i, first * W, first_shift, lanes);
+      task_runs.set(x, y, g, layout, group, i, first * W, lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
         task_runs.fill(n0, count, g.batch);
@@ -410,37 +446,12 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
   const LocalGeometry& g = rg.layer;
-  const int64_t taps = rg.taps(), d = rg.unknowns(), out_per_group = g.out_per_group();
-  const int64_t rows = d + out_per_group;
+  const int64_t rows = rg.unknowns() + g.out_per_group();  // of the augmented design
   const int64_t entries = rows * (rows + 1) / 2;
   const int64_t band = std::min<int64_t>(kBandRows, g.out_height);
   const int64_t bands = (g.out_height + band - 1) / band;
-  const int64_t first_shift = column_shift(g, 0).shift;
-  const int64_t span = column_shift(g, g.kernel_w - 1).shift - first_shift;
-  // The input rows a band reads, as offsets from the first one's.
-  std::map<int64_t, int64_t> input_of;
-  for (int64_t b = 0; b < band; ++b) {
-    for (int64_t u = 0; u < g.kernel_h; ++u) input_of[b * g.stride_h + u * g.dilation_h] = 0;
-  }
-  std::vector<int64_t> input_offsets;
-  for (auto& [offset, index] : input_of) {
-    index = int64_t(input_offsets.size());
-    input_offsets.push_back(offset);
-  }
-  const int64_t in_runs = g.in_per_group() * int64_t(input_offsets.size()) * g.stride_w;
-  const int64_t ones_run = in_runs + band * out_per_group;
-  // Row a of the augmented design of the band's row b: its run, and the shift it is read from.
-  const auto run_of = [&](int64_t b, int64_t a) {
-    if (a >= d) return in_runs + b * out_per_group + a - d;
-    if (a >= taps) return ones_run;
-    const Tap t = tap_of(a, g);
-    const int64_t input = input_of[b * g.stride_h + t.u * g.dilation_h];
-    return (t.channel * int64_t(input_offsets.size()) + input) * g.stride_w +
-           column_shift(g, t.v).residue;
-  };
-  const auto shift_of = [&](int64_t a) {
-    return a < taps ? column_shift(g, tap_of(a, g).v).shift - first_shift : int64_t(0);
-  };
+  const RunLayout layout(rg, band);
+  const int64_t ones_run = layout.ones_run();
   // The products, (first run, second run, distance): the first run is read from shift 0, the
   // second from the distance on; the ones run is constant, so its products need no shift. For
   // entry e of the band's row b: its product, entry_key[b * entries + e], and the shift it is
@@ -453,7 +464,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   for (int64_t b = 0; b < band; ++b) {
     for (int64_t col = 0; col < rows; ++col) {
       for (int64_t row = 0; row <= col; ++row) {
-        int64_t ra = run_of(b, row), rb = run_of(b, col), sa = shift_of(row), sb = shift_of(col);
+        int64_t ra = layout.run(b, row), rb = layout.run(b, col);
+        int64_t sa = layout.shift(row), sb = layout.shift(col);
         if (ra == ones_run) sa = sb;
         if (rb == ones_run) sb = sa;
         if (sb < sa || (sb == sa && rb < ra)) {
@@ -516,7 +528,7 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   const int64_t segment = std::clamp<int64_t>(
       kAccumulatorBytes / (count_products * int64_t(sizeof(V))), 1, row_vectors);
   const int64_t segments = (row_vectors + segment - 1) / segment;
-  const int64_t width = (segment * W + span + W - 1) / W * W;
+  const int64_t width = (segment * W + layout.span() + W - 1) / W * W;
   // The vectors of a product's values that a segment's entries read, at most width / W.
   const int64_t product_vectors = (segment * W + max_entry_shift + W - 1) / W;
   const int64_t sample_values = (ones_run + 1) * width;
@@ -542,7 +554,7 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(count_products * product_vectors);
-    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, ones_run);
+    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, layout.ones_run());
     const acc_t* scratch = task_runs.scratch();
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
@@ -553,7 +565,7 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
       const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
       const int64_t task_vectors = (lanes + max_entry_shift + W - 1) / W;
       acc.zero();
-      task_runs.set(x, y, g, input_offsets, band, group, i0, first * W, first_shift, lanes);
+      task_runs.set(x, y, g, layout, group, i0, first * W, lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
         task_runs.fill(n0, count, g.batch);
