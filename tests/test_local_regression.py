@@ -216,10 +216,13 @@ def test_backward_is_bitwise_equal_across_thread_counts():
 
 # Geometries that take each path of the CPU kernels: (batch, in_ch, out_ch, (H, W), kernel,
 # stride, padding, dilation, groups). Rows are split into blocks of 1 or 2 vectors (4 to 32
-# columns with float32, half that with float64), with remainders; in the forward and the input
-# gradient batches are split into tiles of 16, 8, 4, 2 and 1 samples (8 down to 1 without
-# AVX-512), one of each size at most once the widest are taken; padded scratch rows hold 128 KiB
-# per thread, past which the kernels step over channels or samples.
+# columns with float32, half that with float64), with remainders. The forward sums bands of 4
+# output rows (2 without AVX-512), the last one short where the bands do not divide the height,
+# over tiles of 4, 2 and 1 samples, with kernels of 3, 5 and 7 (square, unit steps) compiled for
+# their size; with strided or dilated rows it sums one row over tiles of 16 down to 1 samples (8
+# without AVX-512). The input gradient splits batches into tiles of 16, 8, 4, 2 and 1 samples (8
+# down to 1 without AVX-512), one of each size at most once the widest are taken. Padded scratch
+# rows hold 128 KiB per thread, past which the kernels step over channels or samples.
 KERNEL_PATHS = {
     "one column": (3, 2, 2, (5, 1), 3, 1, 1, 1, 1),
     "tails of blocks and batch tiles": (5, 3, 3, (7, 37), 3, 1, 1, 1, 3),
@@ -236,6 +239,12 @@ KERNEL_PATHS = {
     "batch tiles of every size": (31, 2, 2, (4, 37), 3, 1, 1, 1, 2),
     "widest and narrowest batch tiles": (17, 1, 2, (3, 20), 3, 1, 1, 1, 1),
     "a batch of one": (1, 3, 3, (5, 19), 3, 1, 1, 1, 1),
+    # Bands of 4, 4 and 2 rows whose windows reach past the top and the bottom of the image.
+    "7 x 7 bands, two channels per group": (5, 4, 2, (10, 23), 7, 1, 3, 1, 2),
+    # 40 channels of 5 to 7 rows of 106 float64 or more per sample: a 3 x 3 band in channel steps.
+    "3 x 3 bands in steps of channels": (2, 40, 4, (6, 100), 3, 1, 1, 1, 1),
+    # 31 = 16 + 8 + 4 + 2 + 1 samples, rows two apart: one row at a time in every batch tile.
+    "strided rows in every batch tile": (31, 1, 2, (7, 21), 3, 2, 1, 1, 1),
     # A weight gradient of 8 MiB or more, stored past the caches, rows aligned or not.
     "streamed weight gradient": (2, 8, 16, (33, 61), 3, 1, 1, 1, 1),
 }

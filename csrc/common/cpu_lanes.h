@@ -63,6 +63,15 @@ struct Lanes {
   }
 };
 
+// Makes the compiler hold v in a register: GCC folds a loaded value that several multiply-adds
+// use into each of them as a memory operand, loading it once per use.
+template <typename V>
+REGGAN_CPU_INLINE void keep_in_register(V& v) {
+#if defined(__x86_64__)
+  __asm__("" : "+v"(v));
+#endif
+}
+
 // kParts registers of pixels side by side as one value, so that each dependent step of the
 // solver gives the core kParts independent operations. (GCC keeps such a struct in registers;
 // a vector type wider than the registers it keeps in memory.)

@@ -67,6 +67,8 @@ namespace local_regression_avx512 {
 constexpr int kVectorBytes = 64;
 constexpr int kVectors = 2;
 constexpr int kAccumulators = 16;  // + 2 weights + 1 input of 32 registers
+constexpr int kBandRows = 4;      // 4 x 4 sums + 4 inputs + 1 weight of 32 registers
+constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_avx512
@@ -78,6 +80,8 @@ namespace local_regression_avx2 {
 constexpr int kVectorBytes = 32;
 constexpr int kVectors = 2;
 constexpr int kAccumulators = 8;  // + 2 weights + 1 input of 16 registers
+constexpr int kBandRows = 2;     // 2 x 4 sums + 4 inputs + 1 weight of 16 registers
+constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_avx2
@@ -88,6 +92,8 @@ namespace local_regression_baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kVectors = 2;
 constexpr int kAccumulators = 8;
+constexpr int kBandRows = 2;
+constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
 }  // namespace local_regression_baseline

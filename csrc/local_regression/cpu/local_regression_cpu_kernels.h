@@ -1,17 +1,20 @@
 // CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
 // includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
 // SIMD width in bytes), kVectors (registers per block of a row), kAccumulators (registers that
-// hold the sums of a tile of samples) and kTapTile (weight-gradient rows accumulated side by
-// side), after including everything it uses. Hence no include guard and no includes.
+// hold the sums of a tile of samples in the input gradient), kBandRows and kBandSamples (the
+// output rows and samples whose sums the forward holds in registers together) and kTapTile
+// (weight-gradient rows accumulated side by side), after including everything it uses. Hence no
+// include guard and no includes.
 //
-// A task owns one row index of a group: the output rows (forward, weight gradient) or input rows
-// (input gradient) at that index of every channel of the group and every sample. The rows it reads
-// at shifted columns are first copied into zero-padded scratch rows (padded_row) that all channels
-// of the group share, so the vector loops need no bounds checks and any stride and dilation reads
-// contiguously. The rows of the weight (forward) and of grad_y (weight gradient) that a task reads,
-// one plane apart in memory, are packed side by side first too. A block of an output row is
-// accumulated in registers over all the terms of a step and written once. Each output element is
-// summed by one task in a fixed order, so results do not depend on the number of threads.
+// A task owns one row index of a group, or a band of row indices (forward): the output rows
+// (forward, weight gradient) or input rows (input gradient) at those indices of every channel of
+// the group and every sample. The rows it reads at shifted columns are first copied into
+// zero-padded scratch rows (padded_row) that all channels of the group share, so the vector loops
+// need no bounds checks and any stride and dilation reads contiguously. The rows of the weight
+// (forward) and of grad_y (weight gradient) that a task reads, one plane apart in memory, are
+// packed side by side first too. A block of an output row is accumulated in registers over all
+// the terms of a step and written once. Each output element is summed by one task in a fixed
+// order, so results do not depend on the number of threads.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
@@ -44,27 +47,17 @@ void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_s
   }
 }
 
-// Asks for row i + 1 of each weight row of a step, which the task of the next row index reads:
-// the weight rows of one task are too many short streams for the hardware prefetcher.
+// Asks for the `length` elements `ahead` past each of `count` rows base + offsets[t], which the
+// task of the next row index (or band) reads: the weight rows of one task are too many short
+// streams for the hardware prefetcher.
 template <typename T>
-void prefetch_next_rows(const T* base, const int64_t* offsets, int64_t count, int64_t width) {
+void prefetch_rows(const T* base, const int64_t* offsets, int64_t count, int64_t ahead,
+                   int64_t length) {
   for (int64_t t = 0; t < count; ++t) {
-    const char* row = reinterpret_cast<const char*>(base + offsets[t] + width);
-    for (int64_t byte = 0; byte < width * int64_t(sizeof(T)); byte += 64) {
+    const char* row = reinterpret_cast<const char*>(base + offsets[t] + ahead);
+    for (int64_t byte = 0; byte < length * int64_t(sizeof(T)); byte += 64) {
       __builtin_prefetch(row + byte, 0, 2);
     }
-  }
-}
-
-// dst + t * dst_stride = base + offsets[t] for t < count rows of `width`: the weight rows of a
-// step, one plane apart in memory, made adjacent. In place they compete for the few cache sets
-// that addresses a multiple of 4 KiB apart share, so loads from them wait on memory one
-// after another; a copy loop keeps many misses in flight, and the copy then stays cached.
-template <typename T>
-void pack_rows(T* dst, int64_t dst_stride, const T* base, const int64_t* offsets, int64_t count,
-               int64_t width) {
-  for (int64_t t = 0; t < count; ++t) {
-    std::memcpy(dst + t * dst_stride, base + offsets[t], width * sizeof(T));
   }
 }
 
@@ -132,41 +125,214 @@ void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_
   }
 }
 
-// One task per (group, output row i). The input rows of a step of samples and channels are padded
-// once into scratch and serve every output channel of the group; the weight rows of (o, i), read
-// from memory once and packed, serve up to kAccumulators samples per load. Input row (n, c, r) is
-// kept as stride_w phase rows: phase p holds the input columns p - pad_w + t * stride_w, so tap v
-// reads phase (v * dilation_w) % stride_w contiguously from t = j + (v * dilation_w) / stride_w. y
-// holds the partial sums between steps of channels.
+// What accumulate_band reads and writes for one (output channel, band) and a step of samples
+// and input channels. Band row rho < kRows is output row i0 + rho; window offset d (see forward)
+// is an input row that band rows read through kernel rows u = d - rho.
+template <typename T>
+struct BandTask {
+  // The weights, packed [column block][c][u][v][rho][column in the block]: every weight one
+  // block of columns reads lies within w_block of its start, at offsets that are compile-time
+  // constants when the kernel size is.
+  const T* packed;
+  int64_t w_block;
+  const T* x;  // scratch of sample 0; sample n is n * x_sample further
+  int64_t x_sample;
+  const int64_t* x_rows;  // [c][d]: where a sample's scratch holds window row d (or zeros)
+  const int64_t* x_col;   // [v]: where kernel column v reads a scratch row
+  int64_t channels, kernel_h, kernel_w;
+  int64_t rows;  // band rows that exist, <= kRows; the others are summed but not stored
+  int64_t width;
+  const T* bias;  // bias row of band row 0 (rows bias_row apart), or null
+  int64_t bias_row;
+  bool first;  // start from the bias; else from y, which holds the sums of earlier channels
+  T* y;        // output row of sample 0 and band row 0
+  int64_t y_sample, y_row;
+};
+
+// y rows of kBatch samples and the band's rows: the sums over its channels' window rows and
+// kernel columns. An input load serves every band row that reads it and a weight load the
+// kBatch samples. kKernel is 0 for any layer, or the size of a square kernel with unit strides
+// and dilations: then every loop over the window unrolls, kernel column v reads scratch column
+// j + v, and which band rows read a window row is decided by the compiler.
+template <int kRows, int kKernel, int kBatch, bool kWhole, typename T>
+REGGAN_CPU_INLINE void accumulate_band_block(const BandTask<T>& task, int64_t jb) {
+  using L = cpu_lanes::Lanes<T, kVectorBytes>;
+  using V = typename L::value;
+  constexpr int64_t kLanes = L::kWidth;
+  // A whole block's loads and stores have a constant width, which keeps the sums in registers.
+  const int64_t lanes = kWhole ? kLanes : task.width - jb;
+  const int64_t kernel_h = kKernel != 0 ? kKernel : task.kernel_h;
+  const int64_t kernel_w = kKernel != 0 ? kKernel : task.kernel_w;
+  const int64_t offsets = kernel_h + kRows - 1;
+  const int64_t x_sample = task.x_sample;
+  V acc[kRows][kBatch];
+#pragma GCC unroll 8
+  for (int rho = 0; rho < kRows; ++rho) {
+    const bool stored = rho < task.rows;
+    const V start = stored && task.first && task.bias != nullptr
+                        ? L::load(task.bias + rho * task.bias_row + jb, lanes)
+                        : V{};
+#pragma GCC unroll 16
+    for (int n = 0; n < kBatch; ++n) {
+      acc[rho][n] = stored && !task.first
+                        ? L::load(task.y + n * task.y_sample + rho * task.y_row + jb, lanes)
+                        : start;
+    }
+  }
+  for (int64_t c = 0; c < task.channels; ++c) {
+    const T* w_channel =
+        task.packed + jb / kLanes * task.w_block + c * kernel_h * kernel_w * kRows * kLanes;
+    const int64_t* x_rows = task.x_rows + c * offsets;
+#pragma GCC unroll 16
+    for (int d = 0; d < offsets; ++d) {
+#pragma GCC unroll 8
+      for (int v = 0; v < kernel_w; ++v) {
+        const T* x_tap = task.x + jb + x_rows[d] + (kKernel != 0 ? v : task.x_col[v]);
+        V in[kBatch];
+#pragma GCC unroll 16
+        for (int n = 0; n < kBatch; ++n) {
+          in[n] = L::load(x_tap + n * x_sample, kLanes);
+          if constexpr (kRows > 1) cpu_lanes::keep_in_register(in[n]);
+        }
+#pragma GCC unroll 8
+        for (int rho = 0; rho < kRows; ++rho) {
+          const int u = d - rho;
+          if (u < 0 || u >= kernel_h) continue;
+          const V weight =
+              L::load(w_channel + ((u * kernel_w + v) * kRows + rho) * kLanes, kLanes);
+#pragma GCC unroll 16
+          for (int n = 0; n < kBatch; ++n) acc[rho][n] += weight * in[n];
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int rho = 0; rho < kRows; ++rho) {
+    if (rho >= task.rows) break;
+#pragma GCC unroll 16
+    for (int n = 0; n < kBatch; ++n) {
+      L::store(task.y + n * task.y_sample + rho * task.y_row + jb, acc[rho][n], lanes);
+    }
+  }
+}
+
+template <int kRows, int kKernel, int kBatch, typename T>
+void accumulate_band(const BandTask<T>& task) {
+  constexpr int64_t kLanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
+  int64_t jb = 0;
+  for (; jb + kLanes <= task.width; jb += kLanes) {
+    accumulate_band_block<kRows, kKernel, kBatch, true>(task, jb);
+  }
+  if (jb < task.width) accumulate_band_block<kRows, kKernel, kBatch, false>(task, jb);
+}
+
+// accumulate_band for `samples` samples from the task's first, in tiles of kBatch, widest
+// first. Every tile has kBandRows x kBandSamples sums.
+template <int kRows, int kKernel, int kBatch = kBandRows * kBandSamples / kRows, typename T>
+void accumulate_band_samples(BandTask<T> task, int64_t samples) {
+  for (; samples >= kBatch; samples -= kBatch) {
+    accumulate_band<kRows, kKernel, kBatch>(task);
+    task.x += kBatch * task.x_sample;
+    task.y += kBatch * task.y_sample;
+  }
+  if constexpr (kBatch > 1) accumulate_band_samples<kRows, kKernel, kBatch / 2>(task, samples);
+}
+
+// accumulate_band_samples, with the unit-step square kernels of RegGAN's layers compiled for
+// their size.
+template <int kRows, typename T>
+void accumulate_band_for_kernel(const BandTask<T>& task, int64_t samples, bool unit_steps) {
+  if constexpr (kRows > 1) {
+    if (unit_steps && task.kernel_h == task.kernel_w) {
+      switch (task.kernel_h) {
+        case 3:
+          return accumulate_band_samples<kRows, 3>(task, samples);
+        case 5:
+          return accumulate_band_samples<kRows, 5>(task, samples);
+        case 7:
+          return accumulate_band_samples<kRows, 7>(task, samples);
+      }
+    }
+  }
+  accumulate_band_samples<kRows, 0>(task, samples);
+}
+
+// packed[b * block + (t * band_rows + rho) * lanes + l] = rows[offsets[t] + rho * width +
+// b * lanes + l] for taps t < count, band rows rho < rows_here and columns b * lanes + l < width:
+// the weight rows of a band (the rows of one tap are adjacent in the weight) in the blocks that
+// accumulate_band reads. Columns past width keep the zeros they were allocated with. In place,
+// the taps' rows, one plane apart (often a multiple of 4 KiB), would compete for the few cache
+// sets they share, so each load would wait on memory; a copy loop keeps many misses in flight,
+// and the copy stays cached for every tile of samples.
+template <typename T>
+void pack_band_weights(T* packed, int64_t block, const T* rows, const int64_t* offsets,
+                       int64_t count, int64_t band_rows, int64_t rows_here, int64_t width) {
+  using L = cpu_lanes::Lanes<T, kVectorBytes>;
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t rho = 0; rho < rows_here; ++rho) {
+      const T* src = rows + offsets[t] + rho * width;
+      T* dst = packed + (t * band_rows + rho) * L::kWidth;
+      int64_t jb = 0;
+      for (; jb + L::kWidth <= width; jb += L::kWidth, dst += block) {
+        L::store(dst, L::load(src + jb, L::kWidth), L::kWidth);
+      }
+      if (jb < width) std::memcpy(dst, src + jb, (width - jb) * sizeof(T));
+    }
+  }
+}
+
+// One task per (group, band of output rows). With stride_h and dilation_h 1, adjacent output rows
+// read the same input rows through different kernel rows, so a band of kBandRows rows loads each
+// input value once for all of them; otherwise a band is one row. Window offset d of the band
+// from output row i0 is input row input_row(i0, d): kernel row d - rho of band row rho (for one
+// row, d is the kernel row). The input rows of a step of samples and channels are padded once
+// into scratch and serve every output channel of the group; a window row outside the image reads
+// a row of zeros there. The weight rows of (o, band), read from memory once and packed, serve
+// every sample. Input row (n, c, r) is kept as stride_w phase rows: phase p holds the input
+// columns p - pad_w + t * stride_w, so kernel column v reads phase (v * dilation_w) % stride_w
+// contiguously from t = j + (v * dilation_w) / stride_w. y holds the partial sums between steps
+// of channels.
 template <typename T>
 void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeometry& g) {
+  const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
+  const int64_t bands = (g.out_height + band_rows - 1) / band_rows;
+  const int64_t offsets = g.kernel_h + band_rows - 1;  // window offsets d of a band
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
-  // The rows a window spans, one slot each: slot r % slots holds input row r. When a task is one
-  // step, consecutive tasks of a group share all but the rows their windows do not overlap in,
-  // and those stay padded.
-  const int64_t slots = (g.kernel_h - 1) * g.dilation_h + 1;
-  const int64_t channel_len = slots * phases * row_len;  // scratch of one (n, c)
+  // The input rows a band's window spans, one slot each: slot r % slots holds input row r, and
+  // slot `slots` stays zero. When a task is one step, consecutive tasks of a group share all but
+  // the rows their windows do not overlap in, and those stay padded.
+  const int64_t slots = (g.kernel_h - 1) * g.dilation_h + band_rows;
+  const int64_t slot_len = phases * row_len;
+  const int64_t channel_len = (slots + 1) * slot_len;  // scratch of one (n, c)
   int64_t n_step, c_step;
   scratch_steps<T>(channel_len, g.batch, g.in_per_group(), &n_step, &c_step);
   const bool one_step = n_step >= g.batch && c_step >= g.in_per_group();
   const int64_t w_tap = g.out_plane();  // weight elements from tap to tap
-  const int64_t w_len = scratch_row_length<T>(g.out_width, 0);  // a packed weight row
+  const int64_t lanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
+  const int64_t w_block = c_step * g.kernel_h * g.kernel_w * band_rows * lanes;
   const int64_t y_sample = g.out_channels * g.out_plane();
-  const int64_t work =
-      g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
-  at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
+  const bool unit_steps = g.stride_w == 1 && g.dilation_w == 1;
+  const int64_t work = g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h *
+                       g.kernel_w * g.out_width * band_rows;
+  at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> rows(n_step * c_step * channel_len);
     std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
-    std::vector<int64_t> w_off(c_step * g.kernel_h * g.kernel_w);
-    std::vector<int64_t> x_off(w_off.size()), packed_off(w_off.size());
-    for (size_t t = 0; t < packed_off.size(); ++t) packed_off[t] = int64_t(t) * w_len;
-    std::vector<T> packed(w_off.size() * w_len);  // zeros past out_width
+    std::vector<int64_t> x_col(g.kernel_w), x_rows(c_step * offsets);
+    for (int64_t v = 0; v < g.kernel_w; ++v) {
+      const int64_t m = v * g.dilation_w;
+      x_col[v] = m % phases * row_len + m / phases;
+    }
+    const int64_t taps = c_step * g.kernel_h * g.kernel_w;
+    std::vector<int64_t> w_off(taps);
+    for (int64_t t = 0; t < taps; ++t) w_off[t] = t * w_tap;
+    std::vector<T> packed((g.out_width + lanes - 1) / lanes * w_block);
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / g.out_height;
-      const int64_t i = task % g.out_height;
+      const int64_t group = task / bands;
+      const int64_t i0 = task % bands * band_rows;
+      const int64_t rows_here = std::min(band_rows, g.out_height - i0);
       const int64_t c0 = group * g.in_per_group();
       for (int64_t n_begin = 0; n_begin < g.batch; n_begin += n_step) {
         const int64_t n_count = std::min(g.batch - n_begin, n_step);
@@ -176,18 +342,17 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
           const int64_t sample_len = c_count * channel_len;
           if (!one_step || group != padded_group) std::fill(slot_row.begin(), slot_row.end(), -1);
           padded_group = group;
-          int64_t taps = 0;
-          for (int64_t u = 0; u < g.kernel_h; ++u) {
-            const int64_t r = g.input_row(i, u);
-            if (r < 0 || r >= g.in_height) continue;
-            const int64_t slot = r % slots;
-            if (slot_row[slot] != r) {
+          for (int64_t d = 0; d < offsets; ++d) {
+            const int64_t r = g.input_row(i0, d);
+            const bool inside = r >= 0 && r < g.in_height;
+            const int64_t slot = inside ? r % slots : slots;
+            if (inside && slot_row[slot] != r) {
               slot_row[slot] = r;
               for (int64_t n = 0; n < n_count; ++n) {
                 for (int64_t c = 0; c < c_count; ++c) {
                   const T* x_row = x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) *
                                             g.in_height + r) * g.in_width;
-                  T* row = rows.data() + n * sample_len + (c * slots + slot) * phases * row_len;
+                  T* row = rows.data() + n * sample_len + (c * (slots + 1) + slot) * slot_len;
                   for (int64_t p = 0; p < phases; ++p) {
                     padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
                                row_len);
@@ -196,27 +361,36 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
               }
             }
             for (int64_t c = 0; c < c_count; ++c) {
-              for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
-                const int64_t m = v * g.dilation_w;
-                w_off[taps] = ((c * g.kernel_h + u) * g.kernel_w + v) * w_tap;
-                x_off[taps] = ((c * slots + slot) * phases + m % phases) * row_len + m / phases;
-              }
+              x_rows[c * offsets + d] = (c * (slots + 1) + slot) * slot_len;
             }
           }
+          const int64_t c_taps = c_count * g.kernel_h * g.kernel_w;
           for (int64_t o = group * g.out_per_group(); o < (group + 1) * g.out_per_group(); ++o) {
-            const T* w_base = w + g.weight_row(o, c_begin, 0, 0, i);
-            if (n_begin == 0 && i + 1 < g.out_height) {
-              prefetch_next_rows(w_base, w_off.data(), taps, g.out_width);
+            const T* w_base = w + g.weight_row(o, c_begin, 0, 0, i0);
+            pack_band_weights(packed.data(), w_block, w_base, w_off.data(), c_taps, band_rows,
+                              rows_here, g.out_width);
+            // The weights of the next (channel, band) this thread packs, asked for while this one
+            // is summed: fetched when needed, their many short rows would wait on memory.
+            const int64_t next_o = o + 1 < (group + 1) * g.out_per_group() ? o + 1 : -1;
+            if (next_o >= 0 || task + 1 < end) {
+              const int64_t next_task = next_o >= 0 ? task : task + 1;
+              const int64_t o_next = next_o >= 0 ? next_o : next_task / bands * g.out_per_group();
+              const int64_t i_next = next_task % bands * band_rows;
+              prefetch_rows(w + g.weight_row(o_next, c_begin, 0, 0, i_next), w_off.data(),
+                            c_taps, 0, std::min(band_rows, g.out_height - i_next) * g.out_width);
             }
-            pack_rows(packed.data(), w_len, w_base, w_off.data(), taps, g.out_width);
-            accumulate_samples(packed.data(), packed_off.data(), rows.data(), sample_len,
-                               x_off.data(), taps, n_count, g.out_width, w_len,
-                               bias != nullptr ? bias + (o * g.out_height + i) * g.out_width
-                                               : nullptr,
-                               c_begin == 0,
-                               y + ((n_begin * g.out_channels + o) * g.out_height + i) *
-                                       g.out_width,
-                               y_sample);
+            const BandTask<T> band{
+                packed.data(), w_block, rows.data(), sample_len, x_rows.data(), x_col.data(),
+                c_count, g.kernel_h, g.kernel_w, rows_here, g.out_width,
+                bias != nullptr ? bias + (o * g.out_height + i0) * g.out_width : nullptr,
+                g.out_width, c_begin == 0,
+                y + ((n_begin * g.out_channels + o) * g.out_height + i0) * g.out_width,
+                y_sample, g.out_width};
+            if (band_rows == 1) {
+              accumulate_band_for_kernel<1>(band, n_count, unit_steps);
+            } else {
+              accumulate_band_for_kernel<kBandRows>(band, n_count, unit_steps);
+            }
           }
         }
       }
@@ -280,7 +454,7 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
             const T* w_channel = w + c * g.kernel_h * g.kernel_w * g.out_plane();
             // With stride 1 the next input row reads the next output row of the same weights.
             if (n_begin == 0 && r + 1 < g.in_height) {
-              prefetch_next_rows(w_channel, w_src.data(), taps, g.out_width);
+              prefetch_rows(w_channel, w_src.data(), taps, g.out_width, g.out_width);
             }
             for (int64_t t = 0; t < taps; ++t) {
               padded_row(w_rows.data() + t * row_len, w_channel + w_src[t], g.out_width, -lead, 1,

@@ -76,15 +76,6 @@ inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_ro
   }
 }
 
-// Makes the compiler hold v in a register: a loaded value that several multiply-adds use would
-// otherwise be loaded again as the memory operand of each.
-template <typename V>
-REGGAN_CPU_INLINE void keep_in_register(V& v) {
-#if defined(__x86_64__)
-  __asm__("" : "+v"(v));
-#endif
-}
-
 // acc[(r * kBlockCols + q) * acc_stride] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
 // (vectors of kWidth values) for n < samples, r < kRows, q < kCols: a block of products held in
 // registers across the samples, each vector loaded once for the products of its row or column.
@@ -103,7 +94,7 @@ REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_
     for (int r = 0; r < kRows; ++r) av[r] = L::load(sample + a[r], L::kWidth);
     for (int q = 0; q < kCols; ++q) {
       V bv = L::load(sample + b[q], L::kWidth);
-      keep_in_register(bv);
+      cpu_lanes::keep_in_register(bv);
       for (int r = 0; r < kRows; ++r) c[r][q] += av[r] * bv;
     }
   }
