@@ -355,6 +355,25 @@ def test_nan_propagates():
     assert torch.isnan(y[0, 1]).sum() == 9
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (5, 1, 3, 1), (3, 2, 2, 1), (3, 1, 2, 2), ((2, 4), 1, (1, 2), 1)])
+def test_weights_over_the_padding_reach_no_input_gradient(kernel, stride, padding, dilation):
+    """A weight whose tap reads the zero padding multiplies no input pixel, so even NaN there
+    must not reach grad_x: the input gradient pairs each weight only with the pixels it reads."""
+    layer, x = random_layer_inputs(5, 4, 4, (9, 35), kernel, stride, padding, dilation, groups=2)
+    w = layer.weight.detach().clone()
+    kh, kw = w.shape[2:4]
+    reads_image = F.unfold(torch.ones(1, 1, *x.shape[2:]), (kh, kw), dilation, padding, stride)
+    over_padding = (reads_image == 0).reshape(kh, kw, *w.shape[4:])
+    assert over_padding.any()
+    grad_y = torch.randn(5, 4, *w.shape[4:], dtype=w.dtype)
+    args = (list(x.shape[2:]), [stride] * 2, list(torch.nn.modules.utils._pair(padding)),
+            [dilation] * 2, 2)
+    expected = ops.local_regression_backward_input(grad_y, w.masked_fill(over_padding, 0), *args)
+    got = ops.local_regression_backward_input(grad_y, w.masked_fill(over_padding, math.nan), *args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_batch_zero_gradients_are_zero():
     layer, x = random_layer_inputs(0, 2, 2, (6, 5), 3, padding=1)
     x.requires_grad_()

@@ -66,7 +66,6 @@ void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step,
 namespace local_regression_avx512 {
 constexpr int kVectorBytes = 64;
 constexpr int kVectors = 2;
-constexpr int kAccumulators = 16;  // + 2 weights + 1 input of 32 registers
 constexpr int kBandRows = 4;      // 4 x 4 sums + 4 inputs + 1 weight of 32 registers
 constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
@@ -79,7 +78,6 @@ constexpr int kTapTile = 4;
 namespace local_regression_avx2 {
 constexpr int kVectorBytes = 32;
 constexpr int kVectors = 2;
-constexpr int kAccumulators = 8;  // + 2 weights + 1 input of 16 registers
 constexpr int kBandRows = 2;     // 2 x 4 sums + 4 inputs + 1 weight of 16 registers
 constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
@@ -91,7 +89,6 @@ constexpr int kTapTile = 4;
 namespace local_regression_baseline {
 constexpr int kVectorBytes = 16;
 constexpr int kVectors = 2;
-constexpr int kAccumulators = 8;
 constexpr int kBandRows = 2;
 constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;

@@ -1,20 +1,20 @@
 // CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
 // includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
-// SIMD width in bytes), kVectors (registers per block of a row), kAccumulators (registers that
-// hold the sums of a tile of samples in the input gradient), kBandRows and kBandSamples (the
-// output rows and samples whose sums the forward holds in registers together) and kTapTile
-// (weight-gradient rows accumulated side by side), after including everything it uses. Hence no
-// include guard and no includes.
+// SIMD width in bytes), kVectors (registers per block of a weight-gradient row), kBandRows and
+// kBandSamples (the rows and samples whose sums the forward and the input gradient hold in
+// registers together) and kTapTile (weight-gradient rows accumulated side by side), after
+// including everything it uses. Hence no include guard and no includes.
 //
-// A task owns one row index of a group, or a band of row indices (forward): the output rows
-// (forward, weight gradient) or input rows (input gradient) at those indices of every channel of
-// the group and every sample. The rows it reads at shifted columns are first copied into
-// zero-padded scratch rows (padded_row) that all channels of the group share, so the vector loops
-// need no bounds checks and any stride and dilation reads contiguously. The rows of the weight
-// (forward) and of grad_y (weight gradient) that a task reads, one plane apart in memory, are
-// packed side by side first too. A block of an output row is accumulated in registers over all
-// the terms of a step and written once. Each output element is summed by one task in a fixed
-// order, so results do not depend on the number of threads.
+// A task owns a band of row indices of a group (forward, input gradient) or one row index
+// (weight gradient): the output rows (forward, weight gradient) or input rows (input gradient) at
+// those indices of every channel of the group and every sample. The rows it reads at shifted
+// columns are first copied into zero-padded scratch rows (padded_row) that all channels of the
+// group share, so the vector loops need no bounds checks and any stride and dilation reads
+// contiguously. The weight rows (forward, input gradient) and the grad_y rows (weight gradient)
+// that a task reads, one plane apart in memory, are packed side by side first too. A block of an
+// output row is accumulated in registers over all the terms of a step and written once. Each
+// output element is summed by one task in a fixed order, so results do not depend on the number
+// of threads.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
@@ -42,92 +42,28 @@ void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_s
     *n_step = std::max<int64_t>(1, samples);
     *c_step = std::clamp<int64_t>(fit / *n_step, 1, std::max<int64_t>(1, channels));
   } else {
-    *n_step = std::max<int64_t>(kAccumulators, fit / kAccumulators * kAccumulators);
+    constexpr int64_t kTile = kBandRows * kBandSamples;  // the widest tile of samples
+    *n_step = std::max<int64_t>(kTile, fit / kTile * kTile);
     *c_step = 1;
   }
 }
 
-// Asks for the `length` elements `ahead` past each of `count` rows base + offsets[t], which the
-// task of the next row index (or band) reads: the weight rows of one task are too many short
-// streams for the hardware prefetcher.
+// Asks for the `count` elements from p, which the next task reads: the weight rows of one task
+// are too many short streams for the hardware prefetcher.
 template <typename T>
-void prefetch_rows(const T* base, const int64_t* offsets, int64_t count, int64_t ahead,
-                   int64_t length) {
-  for (int64_t t = 0; t < count; ++t) {
-    const char* row = reinterpret_cast<const char*>(base + offsets[t] + ahead);
-    for (int64_t byte = 0; byte < length * int64_t(sizeof(T)); byte += 64) {
-      __builtin_prefetch(row + byte, 0, 2);
-    }
+void prefetch_span(const T* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += 64) {
+    __builtin_prefetch(bytes + byte, 0, 2);
   }
 }
 
-// acc[n] += a[a_off[t] + jb + l] * b[n * b_stride + b_off[t] + jb + l] for every tap t < taps
-// and lane l of the block. a is read for a_lanes lanes (zeros after them), so that a row of the
-// caller's tensor that ends inside the block is not read past its end; b holds scratch rows padded
-// to whole blocks. a_lanes is a constant for whole blocks once inlined.
-template <int kBatch, int kParts, typename T>
-REGGAN_CPU_INLINE void accumulate_taps(typename Block<T, kParts>::value* acc, const T* a,
-                                       const int64_t* a_off, const T* b, int64_t b_stride,
-                                       const int64_t* b_off, int64_t taps, int64_t jb,
-                                       int64_t a_lanes) {
-  using L = Block<T, kParts>;
-  for (int64_t t = 0; t < taps; ++t) {
-    const typename L::value av = L::load(a + a_off[t] + jb, a_lanes);
-    const T* bt = b + b_off[t] + jb;
-#pragma GCC unroll 16
-    for (int n = 0; n < kBatch; ++n) acc[n] += av * L::load(bt + n * b_stride, L::kWidth);
-  }
-}
-
-// Rows out[n * out_stride:][:width] for n < kBatch: the sums over the taps of a step, started
-// from `start` (a row shared by the samples, or zeros when null) on the first step and from out
-// after it.
-template <int kBatch, int kParts, typename T>
-void accumulate_rows(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
-                     const int64_t* b_off, int64_t taps, int64_t width, int64_t a_width,
-                     const T* start, bool first, T* out, int64_t out_stride) {
-  using L = Block<T, kParts>;
-  using V = typename L::value;
-  for (int64_t jb = 0; jb < width; jb += L::kWidth) {
-    const int64_t lanes = std::min<int64_t>(L::kWidth, width - jb);
-    V acc[kBatch];
-    const V init = first && start != nullptr ? L::load(start + jb, lanes) : V{};
-    for (int n = 0; n < kBatch; ++n) {
-      acc[n] = first ? init : L::load(out + n * out_stride + jb, lanes);
-    }
-    if (jb + L::kWidth <= a_width) {
-      accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, L::kWidth);
-    } else {
-      accumulate_taps<kBatch, kParts>(acc, a, a_off, b, b_stride, b_off, taps, jb, a_width - jb);
-    }
-    for (int n = 0; n < kBatch; ++n) L::store(out + n * out_stride + jb, acc[n], lanes);
-  }
-}
-
-// accumulate_rows for `count` samples: sample n reads b + n * b_stride and writes
-// out + n * out_stride. Tiles of kBatch samples share each load of a (the weight, the dominant
-// stream, whose rows are too far apart to stay cached between tiles), widest first: up to
-// kAccumulators samples, so that a batch that fits is read from a once.
-template <int kBatch = kAccumulators, typename T>
-void accumulate_samples(const T* a, const int64_t* a_off, const T* b, int64_t b_stride,
-                        const int64_t* b_off, int64_t taps, int64_t count, int64_t width,
-                        int64_t a_width, const T* start, bool first, T* out, int64_t out_stride) {
-  constexpr int kParts = std::clamp(kAccumulators / kBatch, 1, kVectors);
-  for (; count >= kBatch; count -= kBatch) {
-    accumulate_rows<kBatch, kParts>(a, a_off, b, b_stride, b_off, taps, width, a_width, start,
-                                    first, out, out_stride);
-    b += kBatch * b_stride;
-    out += kBatch * out_stride;
-  }
-  if constexpr (kBatch > 1) {
-    accumulate_samples<kBatch / 2>(a, a_off, b, b_stride, b_off, taps, count, width, a_width,
-                                   start, first, out, out_stride);
-  }
-}
-
-// What accumulate_band reads and writes for one (output channel, band) and a step of samples
-// and input channels. Band row rho < kRows is output row i0 + rho; window offset d (see forward)
-// is an input row that band rows read through kernel rows u = d - rho.
+// What accumulate_band reads and writes for one band of rows of one channel and a step of
+// samples and channels: y[n, rho, j] = sum over c, d, v of packed[c, d - rho, v, rho, j] *
+// x[n, c, d, j + x_col[v]] for the band rows rho < kRows, where window offset d is a scratch row
+// that band rows read through kernel rows u = d - rho. The forward sums output rows over input
+// channels (x: the input); the input gradient sums rows of grad_x over output channels (x:
+// grad_y) with the kernel flipped. See forward and backward_input.
 template <typename T>
 struct BandTask {
   // The weights, packed [column block][c][u][v][rho][column in the block]: every weight one
@@ -145,12 +81,12 @@ struct BandTask {
   const T* bias;  // bias row of band row 0 (rows bias_row apart), or null
   int64_t bias_row;
   bool first;  // start from the bias; else from y, which holds the sums of earlier channels
-  T* y;        // output row of sample 0 and band row 0
+  T* y;        // row 0 of the band in sample 0
   int64_t y_sample, y_row;
 };
 
-// y rows of kBatch samples and the band's rows: the sums over its channels' window rows and
-// kernel columns. An input load serves every band row that reads it and a weight load the
+// A block of columns, from jb, of the y rows of kBatch samples and the band's rows: the sums over
+// its channels' window rows and kernel columns. An input load serves every band row that reads it and a weight load the
 // kBatch samples. kKernel is 0 for any layer, or the size of a square kernel with unit strides
 // and dilations: then every loop over the window unrolls, kernel column v reads scratch column
 // j + v, and which band rows read a window row is decided by the compiler.
@@ -257,26 +193,41 @@ void accumulate_band_for_kernel(const BandTask<T>& task, int64_t samples, bool u
   accumulate_band_samples<kRows, 0>(task, samples);
 }
 
-// packed[b * block + (t * band_rows + rho) * lanes + l] = rows[offsets[t] + rho * width +
-// b * lanes + l] for taps t < count, band rows rho < rows_here and columns b * lanes + l < width:
-// the weight rows of a band (the rows of one tap are adjacent in the weight) in the blocks that
-// accumulate_band reads. Columns past width keep the zeros they were allocated with. In place,
-// the taps' rows, one plane apart (often a multiple of 4 KiB), would compete for the few cache
-// sets they share, so each load would wait on memory; a copy loop keeps many misses in flight,
-// and the copy stays cached for every tile of samples.
+// dst[b * block + l] = row[b * lanes + l + shift] for the columns b * lanes + l of the blocks
+// that cover width, and 0 where b * lanes + l + shift is outside [0, row_width): a row of weights
+// in the column blocks that accumulate_band reads.
+template <typename T>
+void pack_row(T* dst, int64_t block, const T* row, int64_t row_width, int64_t shift,
+              int64_t width) {
+  using L = cpu_lanes::Lanes<T, kVectorBytes>;
+  for (int64_t jb = 0; jb < width; jb += L::kWidth, dst += block) {
+    const int64_t first = jb + shift;
+    if (first >= 0 && first + L::kWidth <= row_width) {
+      L::store(dst, L::load(row + first, L::kWidth), L::kWidth);
+    } else {
+      // Lanes [begin, end) of the block lie inside the row.
+      const int64_t begin = std::clamp<int64_t>(-first, 0, L::kWidth);
+      const int64_t end = std::clamp<int64_t>(row_width - first, begin, L::kWidth);
+      L::store(dst, typename L::value{}, L::kWidth);
+      std::memcpy(dst + begin, row + first + begin, (end - begin) * sizeof(T));
+    }
+  }
+}
+
+// The weight rows of band rows rho < rows_here for taps t < count, rows[offsets[t] + rho * width]
+// (the rows of one tap are adjacent in the weight), packed into their column blocks at
+// (t * band_rows + rho) * lanes. In
+// place, the taps' rows, one plane apart (often a multiple of 4 KiB), would compete for the few
+// cache sets they share, so each load would wait on memory; a copy loop keeps many misses in
+// flight, and the copy stays cached for every tile of samples.
 template <typename T>
 void pack_band_weights(T* packed, int64_t block, const T* rows, const int64_t* offsets,
                        int64_t count, int64_t band_rows, int64_t rows_here, int64_t width) {
-  using L = cpu_lanes::Lanes<T, kVectorBytes>;
+  constexpr int64_t kLanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
   for (int64_t t = 0; t < count; ++t) {
     for (int64_t rho = 0; rho < rows_here; ++rho) {
-      const T* src = rows + offsets[t] + rho * width;
-      T* dst = packed + (t * band_rows + rho) * L::kWidth;
-      int64_t jb = 0;
-      for (; jb + L::kWidth <= width; jb += L::kWidth, dst += block) {
-        L::store(dst, L::load(src + jb, L::kWidth), L::kWidth);
-      }
-      if (jb < width) std::memcpy(dst, src + jb, (width - jb) * sizeof(T));
+      pack_row(packed + (t * band_rows + rho) * kLanes, block, rows + offsets[t] + rho * width,
+               width, 0, width);
     }
   }
 }
@@ -376,8 +327,11 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
               const int64_t next_task = next_o >= 0 ? task : task + 1;
               const int64_t o_next = next_o >= 0 ? next_o : next_task / bands * g.out_per_group();
               const int64_t i_next = next_task % bands * band_rows;
-              prefetch_rows(w + g.weight_row(o_next, c_begin, 0, 0, i_next), w_off.data(),
-                            c_taps, 0, std::min(band_rows, g.out_height - i_next) * g.out_width);
+              const T* next = w + g.weight_row(o_next, c_begin, 0, 0, i_next);
+              for (int64_t t = 0; t < c_taps; ++t) {
+                prefetch_span(next + w_off[t],
+                              std::min(band_rows, g.out_height - i_next) * g.out_width);
+              }
             }
             const BandTask<T> band{
                 packed.data(), w_block, rows.data(), sample_len, x_rows.data(), x_col.data(),
@@ -398,30 +352,50 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   });
 }
 
-// grad_x for stride_w == 1. One task per (group, input row r): column col gathers weight * grad_y
-// at output column j = col + pad_w - v * dilation_w over every (o, u, v). The grad_y rows of a
-// step of samples and output channels are padded once and serve every input channel of the
-// group; the weight rows of (o, c, u, v) are padded per input channel c. Zeros stand for j
-// outside [0, W_out), and both are read from t = col + pad_w + (kW - 1 - v) * dilation_w. grad_x
-// holds the partial sums between steps of output channels.
+// grad_x for stride_w == 1, in bands of input rows as the forward's bands of output rows:
+// grad_x[n, ci, r, s] gathers weight[o, c, u, v, i, j] * grad_y[n, o, i, j] over the (o, u, v)
+// whose window reads (r, s), with j = s + pad_w - v * dilation_w and i the output row that reads
+// r through kernel row u. With the kernel flipped (u' = kH - 1 - u, v' = kW - 1 - v) this is the
+// forward's sum over output channels: with unit row steps input row r0 + rho reads output row
+// i = r0 + pad_h - (kH - 1) + d through u' = d - rho (with one row, d = u'), and column s reads
+// grad_y column s - lead + v' * dilation_w, lead = (kW - 1) * dilation_w - pad_w. The grad_y rows
+// of a step of samples and output channels are padded once (zeros outside the output) and serve
+// every input channel of the group; the weights are packed per input channel, each row shifted
+// to the input columns that read it (zeros where none does). grad_x holds the partial sums
+// between steps of output channels.
 template <typename T>
 void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeometry& g) {
-  const int64_t lead = (g.kernel_w - 1) * g.dilation_w;
-  const int64_t row_len = scratch_row_length<T>(g.in_width, g.pad_w + lead);
-  const int64_t channel_len = g.kernel_h * row_len;  // grad_y scratch of one (n, o)
+  const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
+  const int64_t bands = (g.in_height + band_rows - 1) / band_rows;
+  const int64_t offsets = g.kernel_h + band_rows - 1;  // window offsets d of a band
+  const int64_t lead = (g.kernel_w - 1) * g.dilation_w - g.pad_w;
+  const int64_t row_len = scratch_row_length<T>(g.in_width, (g.kernel_w - 1) * g.dilation_w);
+  // The output rows a band's window spans, one slot each, as in forward.
+  const int64_t slots = (g.kernel_h - 1) * g.dilation_h / g.stride_h + band_rows;
+  const int64_t channel_len = (slots + 1) * row_len;  // grad_y scratch of one (n, o)
   int64_t n_step, o_step;
   scratch_steps<T>(channel_len, g.batch, g.out_per_group(), &n_step, &o_step);
+  const bool one_step = n_step >= g.batch && o_step >= g.out_per_group();
+  const int64_t lanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
+  const int64_t w_block = o_step * g.kernel_h * g.kernel_w * band_rows * lanes;
   const int64_t gx_sample = g.in_channels * g.in_plane();
-  const int64_t work =
-      g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.in_width;
-  at::parallel_for(0, g.groups * g.in_height, grain_for(work), [&](int64_t begin, int64_t end) {
-    const int64_t max_taps = o_step * g.kernel_h * g.kernel_w;
-    std::vector<T> gy_rows(n_step * o_step * channel_len), w_rows(max_taps * row_len);
-    std::vector<int64_t> w_off(max_taps), gy_off(max_taps);
-    std::vector<int64_t> w_src(max_taps);  // weight rows of input channel 0
+  const int64_t work = g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h *
+                       g.kernel_w * g.in_width * band_rows;
+  // The output row that input row r0 + rho reads through kernel row u, or -1 if none.
+  auto output_row = [&](int64_t r0, int64_t rho, int64_t u) {
+    return output_for_input(r0 + rho, u, g.stride_h, g.pad_h, g.dilation_h, g.out_height);
+  };
+  at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
+    std::vector<T> gy_rows(n_step * o_step * channel_len);
+    std::vector<int64_t> slot_row(slots, -1);  // the output row each slot holds, -1 if none
+    std::vector<int64_t> x_col(g.kernel_w), x_rows(o_step * offsets);
+    for (int64_t v = 0; v < g.kernel_w; ++v) x_col[v] = v * g.dilation_w;
+    std::vector<T> packed((g.in_width + lanes - 1) / lanes * w_block);
+    int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / g.in_height;
-      const int64_t r = task % g.in_height;
+      const int64_t group = task / bands;
+      const int64_t r0 = task % bands * band_rows;
+      const int64_t rows_here = std::min(band_rows, g.in_height - r0);
       const int64_t first_o = group * g.out_per_group();
       for (int64_t n_begin = 0; n_begin < g.batch; n_begin += n_step) {
         const int64_t n_count = std::min(g.batch - n_begin, n_step);
@@ -429,45 +403,77 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
         for (int64_t o_begin = 0; o_begin == 0 || o_begin < g.out_per_group(); o_begin += o_step) {
           const int64_t o_count = std::min(g.out_per_group() - o_begin, o_step);
           const int64_t sample_len = o_count * channel_len;
-          int64_t taps = 0;
-          for (int64_t o = 0; o < o_count; ++o) {
-            for (int64_t u = 0; u < g.kernel_h; ++u) {
-              const int64_t i =
-                  output_for_input(r, u, g.stride_h, g.pad_h, g.dilation_h, g.out_height);
-              if (i < 0) continue;
-              const int64_t row = (o * g.kernel_h + u) * row_len;
+          if (!one_step || group != padded_group) std::fill(slot_row.begin(), slot_row.end(), -1);
+          padded_group = group;
+          for (int64_t d = 0; d < offsets; ++d) {
+            const int64_t i = band_rows > 1 ? r0 + g.pad_h - (g.kernel_h - 1) + d
+                                            : output_row(r0, 0, g.kernel_h - 1 - d);
+            const bool inside = i >= 0 && i < g.out_height;
+            const int64_t slot = inside ? i % slots : slots;
+            if (inside && slot_row[slot] != i) {
+              slot_row[slot] = i;
               for (int64_t n = 0; n < n_count; ++n) {
-                padded_row(gy_rows.data() + n * sample_len + row,
-                           grad_y + (((n_begin + n) * g.out_channels + first_o + o_begin + o) *
-                                         g.out_height + i) * g.out_width,
-                           g.out_width, -lead, 1, row_len);
+                for (int64_t o = 0; o < o_count; ++o) {
+                  padded_row(gy_rows.data() + n * sample_len + (o * (slots + 1) + slot) * row_len,
+                             grad_y + (((n_begin + n) * g.out_channels + first_o + o_begin + o) *
+                                           g.out_height + i) * g.out_width,
+                             g.out_width, -lead, 1, row_len);
+                }
               }
-              for (int64_t v = 0; v < g.kernel_w; ++v, ++taps) {
-                const int64_t t = g.pad_w + (g.kernel_w - 1 - v) * g.dilation_w;
-                w_src[taps] = g.weight_row(first_o + o_begin + o, 0, u, v, i);
-                w_off[taps] = taps * row_len + t;
-                gy_off[taps] = row + t;
-              }
+            }
+            for (int64_t o = 0; o < o_count; ++o) {
+              x_rows[o * offsets + d] = (o * (slots + 1) + slot) * row_len;
             }
           }
           for (int64_t c = 0; c < g.in_per_group(); ++c) {
-            const T* w_channel = w + c * g.kernel_h * g.kernel_w * g.out_plane();
-            // With stride 1 the next input row reads the next output row of the same weights.
-            if (n_begin == 0 && r + 1 < g.in_height) {
-              prefetch_rows(w_channel, w_src.data(), taps, g.out_width, g.out_width);
+            for (int64_t o = 0; o < o_count; ++o) {
+              for (int64_t u = 0; u < g.kernel_h; ++u) {
+                for (int64_t v = 0; v < g.kernel_w; ++v) {
+                  const int64_t tap = (o * g.kernel_h + g.kernel_h - 1 - u) * g.kernel_w +
+                                      g.kernel_w - 1 - v;
+                  for (int64_t rho = 0; rho < rows_here; ++rho) {
+                    const int64_t i = output_row(r0, rho, u);
+                    // A row the band row does not read (i < 0) is packed as zeros.
+                    const int64_t o_weight = first_o + o_begin + o;
+                    pack_row(packed.data() + (tap * band_rows + rho) * lanes, w_block,
+                             w + g.weight_row(o_weight, c, u, v, std::max<int64_t>(i, 0)),
+                             i >= 0 ? g.out_width : 0, g.pad_w - v * g.dilation_w, g.in_width);
+                  }
+                }
+              }
             }
-            for (int64_t t = 0; t < taps; ++t) {
-              padded_row(w_rows.data() + t * row_len, w_channel + w_src[t], g.out_width, -lead, 1,
-                         row_len);
+            // The weights the next (input channel, band) of this thread reads, asked for while
+            // this one is summed.
+            const bool next_c = c + 1 < g.in_per_group();
+            if (next_c || task + 1 < end) {
+              const int64_t next_task = next_c ? task : task + 1;
+              const int64_t c_next = next_c ? c + 1 : 0;
+              const int64_t r_next = next_task % bands * band_rows;
+              const int64_t o_next = next_task / bands * g.out_per_group() + o_begin;
+              for (int64_t o = 0; o < o_count; ++o) {
+                for (int64_t u = 0; u < g.kernel_h; ++u) {
+                  // The rows of a band's taps are adjacent: i and i + 1 for rho and rho + 1.
+                  const int64_t i = output_row(r_next, 0, u);
+                  const int64_t i_last = output_row(r_next, band_rows - 1, u);
+                  if (i < 0 || i_last < 0) continue;
+                  for (int64_t v = 0; v < g.kernel_w; ++v) {
+                    prefetch_span(w + g.weight_row(o_next + o, c_next, u, v, i),
+                                  (i_last - i + 1) * g.out_width);
+                  }
+                }
+              }
             }
             const int64_t ci = group * g.in_per_group() + c;
-            accumulate_samples(w_rows.data(), w_off.data(), gy_rows.data(), sample_len,
-                               gy_off.data(), taps, n_count, g.in_width,
-                               scratch_row_length<T>(g.in_width, 0),
-                               static_cast<const T*>(nullptr), o_begin == 0,
-                               grad_x + ((n_begin * g.in_channels + ci) * g.in_height + r) *
-                                            g.in_width,
-                               gx_sample);
+            const BandTask<T> band{
+                packed.data(), w_block, gy_rows.data(), sample_len, x_rows.data(), x_col.data(),
+                o_count, g.kernel_h, g.kernel_w, rows_here, g.in_width, nullptr, 0, o_begin == 0,
+                grad_x + ((n_begin * g.in_channels + ci) * g.in_height + r0) * g.in_width,
+                gx_sample, g.in_width};
+            if (band_rows == 1) {
+              accumulate_band_for_kernel<1>(band, n_count, g.dilation_w == 1);
+            } else {
+              accumulate_band_for_kernel<kBandRows>(band, n_count, g.dilation_w == 1);
+            }
           }
         }
       }
