@@ -65,8 +65,7 @@ void padded_row(T* dst, const T* src, int64_t size, int64_t first, int64_t step,
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 namespace local_regression_avx512 {
 constexpr int kVectorBytes = 64;
-constexpr int kVectors = 2;
-constexpr int kBandRows = 4;      // 4 x 4 sums + 4 inputs + 1 weight of 32 registers
+constexpr int kBandRows = 4;  // 4 x 4 sums + 4 inputs + 1 weight of 32 registers
 constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
@@ -77,8 +76,7 @@ constexpr int kTapTile = 4;
 #pragma GCC target("avx2,fma")
 namespace local_regression_avx2 {
 constexpr int kVectorBytes = 32;
-constexpr int kVectors = 2;
-constexpr int kBandRows = 2;     // 2 x 4 sums + 4 inputs + 1 weight of 16 registers
+constexpr int kBandRows = 2;  // 2 x 4 sums + 4 inputs + 1 weight of 16 registers
 constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;
 #include "local_regression/cpu/local_regression_cpu_kernels.h"
@@ -88,7 +86,6 @@ constexpr int kTapTile = 4;
 
 namespace local_regression_baseline {
 constexpr int kVectorBytes = 16;
-constexpr int kVectors = 2;
 constexpr int kBandRows = 2;
 constexpr int kBandSamples = 4;
 constexpr int kTapTile = 4;

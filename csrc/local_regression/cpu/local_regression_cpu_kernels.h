@@ -1,33 +1,28 @@
 // CPU kernels of local_regression, vectorized along output rows. local_regression_cpu.cpp
 // includes this file once per instruction set, inside a namespace that defines kVectorBytes (the
-// SIMD width in bytes), kVectors (registers per block of a weight-gradient row), kBandRows and
-// kBandSamples (the rows and samples whose sums the forward and the input gradient hold in
-// registers together) and kTapTile (weight-gradient rows accumulated side by side), after
+// SIMD width in bytes), kBandRows and kBandSamples (the rows and samples whose sums the forward
+// and the input gradient hold in registers together; the weight gradient's bands have kBandRows
+// rows too) and kTapTile (kernel columns whose weight-gradient sums are held together), after
 // including everything it uses. Hence no include guard and no includes.
 //
-// A task owns a band of row indices of a group (forward, input gradient) or one row index
-// (weight gradient): the output rows (forward, weight gradient) or input rows (input gradient) at
-// those indices of every channel of the group and every sample. The rows it reads at shifted
-// columns are first copied into zero-padded scratch rows (padded_row) that all channels of the
-// group share, so the vector loops need no bounds checks and any stride and dilation reads
-// contiguously. The weight rows (forward, input gradient) and the grad_y rows (weight gradient)
-// that a task reads, one plane apart in memory, are packed side by side first too. A block of an
-// output row is accumulated in registers over all the terms of a step and written once. Each
-// output element is summed by one task in a fixed order, so results do not depend on the number
-// of threads.
+// A task owns a band of row indices of a group: the output rows (forward, weight gradient) or input
+// rows (input gradient) at those indices of every channel of the group and every sample. The rows
+// it reads at shifted columns are first copied into zero-padded scratch rows (padded_row) that all
+// channels of the group share, so the vector loops need no bounds checks and any stride and
+// dilation reads contiguously. The weight rows (forward, input gradient) and the grad_y rows
+// (weight gradient) that a task reads, one plane apart in memory, are packed side by side first
+// too. A block of an output row is accumulated in registers over all the terms of a step and
+// written once. Each output element is summed by one task in a fixed order, so results do not
+// depend on the number of threads.
 
 // Selects this instruction set's kernels through argument-dependent lookup.
 struct Tag {};
 
-// kParts registers along a row.
-template <typename T, int kParts = kVectors>
-using Block = cpu_lanes::WideLanes<T, kVectorBytes, kParts>;
-
-// Elements of a scratch row that whole blocks over `width` columns read, `extra` columns beyond
-// the block start included.
+// Elements of a scratch row that whole registers over `width` columns read, `extra` columns
+// beyond the register's start included.
 template <typename T>
 int64_t scratch_row_length(int64_t width, int64_t extra) {
-  const int64_t lanes = Block<T>::kWidth;
+  const int64_t lanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
   return (width + lanes - 1) / lanes * lanes + extra;
 }
 
@@ -86,10 +81,10 @@ struct BandTask {
 };
 
 // A block of columns, from jb, of the y rows of kBatch samples and the band's rows: the sums over
-// its channels' window rows and kernel columns. An input load serves every band row that reads it and a weight load the
-// kBatch samples. kKernel is 0 for any layer, or the size of a square kernel with unit strides
-// and dilations: then every loop over the window unrolls, kernel column v reads scratch column
-// j + v, and which band rows read a window row is decided by the compiler.
+// its channels' window rows and kernel columns. An input load serves every band row that reads it
+// and a weight load the kBatch samples. kKernel is 0 for any layer, or the size of a square kernel
+// with unit strides and dilations: then every loop over the window unrolls, kernel column v reads
+// scratch column j + v, and which band rows read a window row is decided by the compiler.
 template <int kRows, int kKernel, int kBatch, bool kWhole, typename T>
 REGGAN_CPU_INLINE void accumulate_band_block(const BandTask<T>& task, int64_t jb) {
   using L = cpu_lanes::Lanes<T, kVectorBytes>;
@@ -481,28 +476,25 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
   });
 }
 
-// Block L's v at p, past the caches when `stream` and p is aligned to whole registers: the
-// weight gradient, tens of MiB written once, then costs no read of each line before it is
-// written. Callers fence before the output is read (stream_fence).
+// v at p, past the caches when `stream` and p is aligned to a whole register: the weight
+// gradient, tens of MiB written once, then costs no read of each line before it is written.
+// Callers fence before the output is read (stream_fence).
 template <typename L, typename T>
-REGGAN_CPU_INLINE void store_block(T* p, const typename L::value& v, int64_t lanes, bool stream) {
+REGGAN_CPU_INLINE void store_lanes(T* p, const typename L::value& v, int64_t lanes, bool stream) {
 #if defined(__SSE2__)
   if (stream && lanes == L::kWidth && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
-    constexpr int64_t kPart = kVectorBytes / sizeof(T);
-    for (int i = 0; i < int(L::kWidth / kPart); ++i) {
-      if constexpr (kVectorBytes == 64 && sizeof(T) == 4) {
-        _mm512_stream_ps(p + i * kPart, (__m512)v.r[i]);
-      } else if constexpr (kVectorBytes == 64) {
-        _mm512_stream_pd(p + i * kPart, (__m512d)v.r[i]);
-      } else if constexpr (kVectorBytes == 32 && sizeof(T) == 4) {
-        _mm256_stream_ps(p + i * kPart, (__m256)v.r[i]);
-      } else if constexpr (kVectorBytes == 32) {
-        _mm256_stream_pd(p + i * kPart, (__m256d)v.r[i]);
-      } else if constexpr (sizeof(T) == 4) {
-        _mm_stream_ps(p + i * kPart, (__m128)v.r[i]);
-      } else {
-        _mm_stream_pd(p + i * kPart, (__m128d)v.r[i]);
-      }
+    if constexpr (kVectorBytes == 64 && sizeof(T) == 4) {
+      _mm512_stream_ps(p, (__m512)v);
+    } else if constexpr (kVectorBytes == 64) {
+      _mm512_stream_pd(p, (__m512d)v);
+    } else if constexpr (kVectorBytes == 32 && sizeof(T) == 4) {
+      _mm256_stream_ps(p, (__m256)v);
+    } else if constexpr (kVectorBytes == 32) {
+      _mm256_stream_pd(p, (__m256d)v);
+    } else if constexpr (sizeof(T) == 4) {
+      _mm_stream_ps(p, (__m128)v);
+    } else {
+      _mm_stream_pd(p, (__m128d)v);
     }
     return;
   }
@@ -510,139 +502,204 @@ REGGAN_CPU_INLINE void store_block(T* p, const typename L::value& v, int64_t lan
   L::store(p, v, lanes);
 }
 
-// Orders the stores of store_block before any that follow.
+// Orders the stores of store_lanes before any that follow.
 REGGAN_CPU_INLINE void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
 }
 
-// grad_w[o, c, u, v0 + t, i, jb:] for t < kTaps, summed over `count` samples in order: sample n
-// reads grad_y at gy_row + n * gy_step and its padded input row of tap v at x_rows[n * kW + v].
-// `stream`: the sums are final and written past the caches (store_block).
-template <int kTaps, typename T>
-REGGAN_CPU_INLINE void weight_taps(const T* gy_row, int64_t gy_step, const T* const* x_rows,
-                                   int64_t kernel_w, int64_t v0, int64_t count, int64_t jb,
-                                   int64_t lanes, T* const* gw_rows, bool first, bool stream) {
-  using L = Block<T>;
+// What weight_band_block reads and writes for one (output channel, input channel) of a band and
+// a step of samples.
+template <typename T>
+struct WeightBand {
+  const T* gy;  // grad_y row of band row 0 and sample 0, packed
+  int64_t gy_sample, gy_row;
+  const T* x;  // scratch row of window offset 0 and sample 0
+  int64_t x_sample, x_window_row;
+  const int64_t* x_col;  // [v]: where kernel column v reads a scratch row
+  int64_t samples;
+  T* gw;  // grad_w[o, c, 0, 0, i0, 0]
+  int64_t gw_kernel_row, gw_tap, gw_row;  // from u to u + 1, v to v + 1, i to i + 1
+  int64_t width;
+  bool first;   // start from zeros; else from grad_w, which holds the earlier samples' sums
+  bool stream;  // the sums are final: written past the caches (store_lanes)
+};
+
+// A block of columns, from jb, of grad_w[o, c, d - rho, v0 + t, i0 + rho] for the band rows rho in
+// [kFirst, kLast] that read window row d and the kernel columns v0 + t < v0 + kTaps, summed over
+// the samples in order: each grad_y load serves the kTaps columns, each input load the rows.
+template <int kFirst, int kLast, int kTaps, bool kWhole, typename T>
+REGGAN_CPU_INLINE void weight_band_block(const WeightBand<T>& b, int64_t d, int64_t v0,
+                                         int64_t jb) {
+  using L = cpu_lanes::Lanes<T, kVectorBytes>;
   using V = typename L::value;
-  V acc[kTaps];
-#pragma GCC unroll 16
-  for (int t = 0; t < kTaps; ++t) acc[t] = first ? V{} : L::load(gw_rows[v0 + t] + jb, lanes);
-  for (int64_t n = 0; n < count; ++n) {
-    const V gy = L::load(gy_row + n * gy_step + jb, lanes);
-    const T* const* x = x_rows + n * kernel_w + v0;
-#pragma GCC unroll 16
-    for (int t = 0; t < kTaps; ++t) acc[t] += gy * L::load(x[t] + jb, L::kWidth);
+  const int64_t lanes = kWhole ? L::kWidth : b.width - jb;
+  V acc[kLast + 1][kTaps];
+  T* out[kLast + 1][kTaps];
+#pragma GCC unroll 8
+  for (int rho = kFirst; rho <= kLast; ++rho) {
+#pragma GCC unroll 8
+    for (int t = 0; t < kTaps; ++t) {
+      out[rho][t] = b.gw + (d - rho) * b.gw_kernel_row + (v0 + t) * b.gw_tap + rho * b.gw_row + jb;
+      acc[rho][t] = b.first ? V{} : L::load(out[rho][t], lanes);
+    }
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < kTaps; ++t) store_block<L>(gw_rows[v0 + t] + jb, acc[t], lanes, stream);
+  const T* x = b.x + d * b.x_window_row + jb;
+  for (int64_t n = 0; n < b.samples; ++n) {
+    V gy[kLast + 1];
+#pragma GCC unroll 8
+    for (int rho = kFirst; rho <= kLast; ++rho) {
+      gy[rho] = L::load(b.gy + n * b.gy_sample + rho * b.gy_row + jb, lanes);
+      cpu_lanes::keep_in_register(gy[rho]);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < kTaps; ++t) {
+      V in = L::load(x + n * b.x_sample + b.x_col[v0 + t], L::kWidth);
+      cpu_lanes::keep_in_register(in);
+#pragma GCC unroll 8
+      for (int rho = kFirst; rho <= kLast; ++rho) acc[rho][t] += gy[rho] * in;
+    }
+  }
+#pragma GCC unroll 8
+  for (int rho = kFirst; rho <= kLast; ++rho) {
+#pragma GCC unroll 8
+    for (int t = 0; t < kTaps; ++t) store_lanes<L>(out[rho][t], acc[rho][t], lanes, b.stream);
+  }
 }
 
-template <typename T>
-REGGAN_CPU_INLINE void weight_block(const T* gy_row, int64_t gy_step, const T* const* x_rows,
-                                    int64_t kernel_w, int64_t count, int64_t jb, int64_t lanes,
-                                    T* const* gw_rows, bool first, bool stream) {
+// weight_band_block over the row's blocks of columns and kTaps kernel columns from v0.
+template <int kFirst, int kLast, int kTaps, typename T>
+void weight_band_taps(const WeightBand<T>& b, int64_t d, int64_t v0) {
+  constexpr int64_t kLanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
+  int64_t jb = 0;
+  for (; jb + kLanes <= b.width; jb += kLanes) {
+    weight_band_block<kFirst, kLast, kTaps, true>(b, d, v0, jb);
+  }
+  if (jb < b.width) weight_band_block<kFirst, kLast, kTaps, false>(b, d, v0, jb);
+}
+
+// weight_band_taps for every kernel column, kTapTile at a time.
+template <int kFirst, int kLast, typename T>
+void weight_band_row(const WeightBand<T>& b, int64_t d, int64_t kernel_w) {
   static_assert(kTapTile <= 4, "the remainder below covers at most 3 taps");
   int64_t v0 = 0;
   for (; v0 + kTapTile <= kernel_w; v0 += kTapTile) {
-    weight_taps<kTapTile>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows, first,
-                          stream);
+    weight_band_taps<kFirst, kLast, kTapTile>(b, d, v0);
   }
   switch (kernel_w - v0) {
     case 3:
-      return weight_taps<3>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first, stream);
+      return weight_band_taps<kFirst, kLast, 3>(b, d, v0);
     case 2:
-      return weight_taps<2>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first, stream);
+      return weight_band_taps<kFirst, kLast, 2>(b, d, v0);
     case 1:
-      return weight_taps<1>(gy_row, gy_step, x_rows, kernel_w, v0, count, jb, lanes, gw_rows,
-                            first, stream);
+      return weight_band_taps<kFirst, kLast, 1>(b, d, v0);
+  }
+}
+
+// weight_band_row for the band rows [first, last], found among the compile-time ranges.
+template <int kRows, int kFirst = 0, int kLast = 0, typename T>
+void weight_band_rows(const WeightBand<T>& b, int64_t d, int64_t kernel_w, int64_t first,
+                      int64_t last) {
+  if (first == kFirst && last == kLast) return weight_band_row<kFirst, kLast>(b, d, kernel_w);
+  if constexpr (kLast + 1 < kRows) {
+    weight_band_rows<kRows, kFirst, kLast + 1>(b, d, kernel_w, first, last);
+  } else if constexpr (kFirst + 1 < kRows) {
+    weight_band_rows<kRows, kFirst + 1, kFirst + 1>(b, d, kernel_w, first, last);
   }
 }
 
 // grad_w[o, c, u, v, i, j] = sum_n grad_y[n, o, i, j] * x[n, c0 + c, row(i, u), col(j, v)]. One
-// task per (group, output row i). For each (c, u) the input rows of a step of samples are padded
-// once (laid out as in forward) and serve every output channel of the group; the samples are
-// summed in order, and grad_w holds the partial sums between steps.
+// task per (group, band of output rows), as in forward: with unit row steps, window offset d of
+// the band is an input row that band row rho reads through kernel row u = d - rho, so each input
+// load serves those rows and each grad_y load a tile of kernel columns. For each c the window's
+// input rows of a step of samples are padded once (laid out as in forward, zeros outside the
+// image) and serve every output channel of the group; the samples are summed in order, and
+// grad_w holds the partial sums between steps.
 template <typename T>
 void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeometry& g) {
-  using L = Block<T>;
+  const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
+  const int64_t bands = (g.out_height + band_rows - 1) / band_rows;
+  const int64_t offsets = g.kernel_h + band_rows - 1;  // window offsets d of a band
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
-  // The grad_y rows of a step are packed too, [sample][o][column], and serve every (c, u): in
-  // place the rows of the samples sit a grad_y sample apart, often a multiple of 4 KiB, and
+  const int64_t window_row = phases * row_len;
+  // The grad_y rows of a step are packed too, [sample][o][rho][column], and serve every (c, d):
+  // in place the rows of the samples sit a grad_y sample apart, often a multiple of 4 KiB, and
   // evict each other from the few cache sets they share.
   const int64_t gy_len = scratch_row_length<T>(g.out_width, 0);
-  const int64_t gy_step = g.out_per_group() * gy_len;
+  const int64_t gy_sample = g.out_per_group() * band_rows * gy_len;
   int64_t n_step, unused;
-  scratch_steps<T>(phases * row_len + gy_step, g.batch, 1, &n_step, &unused);
-  const int64_t work =
-      g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w * g.out_width;
+  scratch_steps<T>(offsets * window_row + gy_sample, g.batch, 1, &n_step, &unused);
+  const int64_t work = g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h *
+                       g.kernel_w * g.out_width * band_rows;
   const bool large = g.out_channels * g.in_per_group() * g.kernel_h * g.kernel_w *
                          g.out_plane() * int64_t(sizeof(T)) >= kStreamBytes;
-  at::parallel_for(0, g.groups * g.out_height, grain_for(work), [&](int64_t begin, int64_t end) {
-    std::vector<T> rows(n_step * phases * row_len), gy_rows(n_step * gy_step);
-    std::vector<const T*> x_rows(n_step * g.kernel_w);
-    std::vector<T*> gw_rows(g.kernel_w);
+  at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(n_step * offsets * window_row), gy_rows(n_step * gy_sample);
+    std::vector<int64_t> x_col(g.kernel_w);
+    for (int64_t v = 0; v < g.kernel_w; ++v) {
+      const int64_t m = v * g.dilation_w;
+      x_col[v] = m % phases * row_len + m / phases;
+    }
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / g.out_height;
-      const int64_t i = task % g.out_height;
+      const int64_t group = task / bands;
+      const int64_t i0 = task % bands * band_rows;
+      const int64_t rows_here = std::min(band_rows, g.out_height - i0);
       const int64_t c0 = group * g.in_per_group();
+      const int64_t first_o = group * g.out_per_group();
       int64_t gy_packed = -1;  // the n_begin whose grad_y rows gy_rows holds, -1 if none
       for (int64_t c = 0; c < g.in_per_group(); ++c) {
-        for (int64_t u = 0; u < g.kernel_h; ++u) {
-          const int64_t r = g.input_row(i, u);
-          const bool inside = r >= 0 && r < g.in_height;
-          // At least one step, so that grad_w is written when the batch is empty.
-          for (int64_t n_begin = 0; n_begin == 0 || n_begin < g.batch; n_begin += n_step) {
-            const int64_t count = inside ? std::min(g.batch - n_begin, n_step) : 0;
-            const bool stream = large && (!inside || n_begin + n_step >= g.batch);
-            if (count > 0 && gy_packed != n_begin) {
-              gy_packed = n_begin;
-              for (int64_t n = 0; n < std::min(g.batch - n_begin, n_step); ++n) {
-                for (int64_t o = 0; o < g.out_per_group(); ++o) {
-                  std::memcpy(gy_rows.data() + n * gy_step + o * gy_len,
-                              grad_y + (((n_begin + n) * g.out_channels +
-                                         group * g.out_per_group() + o) * g.out_height + i) *
-                                           g.out_width,
+        // At least one step, so that grad_w is written when the batch is empty.
+        for (int64_t n_begin = 0; n_begin == 0 || n_begin < g.batch; n_begin += n_step) {
+          const int64_t count = std::min(g.batch - n_begin, n_step);
+          if (count > 0 && gy_packed != n_begin) {
+            gy_packed = n_begin;
+            for (int64_t n = 0; n < count; ++n) {
+              for (int64_t o = 0; o < g.out_per_group(); ++o) {
+                for (int64_t rho = 0; rho < rows_here; ++rho) {
+                  std::memcpy(gy_rows.data() + n * gy_sample + (o * band_rows + rho) * gy_len,
+                              grad_y + (((n_begin + n) * g.out_channels + first_o + o) *
+                                            g.out_height + i0 + rho) * g.out_width,
                               g.out_width * sizeof(T));
                 }
               }
             }
-            for (int64_t n = 0; n < count; ++n) {
+          }
+          for (int64_t n = 0; n < count; ++n) {
+            for (int64_t d = 0; d < offsets; ++d) {
+              const int64_t r = g.input_row(i0, d);
+              T* row = rows.data() + (n * offsets + d) * window_row;
+              if (r < 0 || r >= g.in_height) {
+                std::fill(row, row + window_row, T(0));
+                continue;
+              }
               const T* x_row =
                   x + (((n_begin + n) * g.in_channels + c0 + c) * g.in_height + r) * g.in_width;
-              T* row = rows.data() + n * phases * row_len;
               for (int64_t p = 0; p < phases; ++p) {
                 padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
                            row_len);
               }
-              for (int64_t v = 0; v < g.kernel_w; ++v) {
-                const int64_t m = v * g.dilation_w;
-                x_rows[n * g.kernel_w + v] = row + (m % phases) * row_len + m / phases;
+            }
+          }
+          for (int64_t o = 0; o < g.out_per_group(); ++o) {
+            const WeightBand<T> band{
+                gy_rows.data() + o * band_rows * gy_len, gy_sample, gy_len, rows.data(),
+                offsets * window_row, window_row, x_col.data(), count,
+                grad_w + g.weight_row(first_o + o, c, 0, 0, i0), g.kernel_w * g.out_plane(),
+                g.out_plane(), g.out_width, g.out_width, n_begin == 0,
+                large && n_begin + n_step >= g.batch};
+            for (int64_t d = 0; d < offsets; ++d) {
+              const int64_t first = std::max<int64_t>(0, d - g.kernel_h + 1);
+              const int64_t last = std::min(rows_here - 1, d);
+              if (first > last) continue;
+              if (band_rows == 1) {
+                weight_band_rows<1>(band, d, g.kernel_w, first, last);
+              } else {
+                weight_band_rows<kBandRows>(band, d, g.kernel_w, first, last);
               }
             }
-            for (int64_t o = group * g.out_per_group(); o < (group + 1) * g.out_per_group();
-                 ++o) {
-              for (int64_t v = 0; v < g.kernel_w; ++v) {
-                gw_rows[v] = grad_w + g.weight_row(o, c, u, v, i);
-              }
-              const T* gy = gy_rows.data() + (o - group * g.out_per_group()) * gy_len;
-              for (int64_t jb = 0; jb < g.out_width; jb += L::kWidth) {
-                const int64_t lanes = std::min<int64_t>(L::kWidth, g.out_width - jb);
-                if (lanes == L::kWidth) {
-                  weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, L::kWidth,
-                               gw_rows.data(), n_begin == 0, stream);
-                } else {
-                  weight_block(gy, gy_step, x_rows.data(), g.kernel_w, count, jb, lanes,
-                               gw_rows.data(), n_begin == 0, stream);
-                }
-              }
-            }
-            if (!inside) break;
           }
         }
       }
