@@ -205,6 +205,27 @@ class RunLayout {
   int64_t in_runs_, first_shift_;
 };
 
+// An output row's vectors of W pixels, split into segments whose accumulators (`vector_bytes`
+// for each vector) fit in about kAccumulatorBytes: an accumulation task owns one segment of a
+// row or band of rows.
+template <int64_t W>
+struct RowSegments {
+  RowSegments(int64_t out_width, int64_t vector_bytes) : out_width(out_width) {
+    const int64_t row_vectors = (out_width + W - 1) / W;
+    segment = std::clamp<int64_t>(kAccumulatorBytes / vector_bytes, 1, row_vectors);
+    count = (row_vectors + segment - 1) / segment;
+  }
+
+  // Values of a scratch run: a segment's pixels and `span` more, in whole vectors.
+  int64_t run_width(int64_t span) const { return (segment * W + span + W - 1) / W * W; }
+  // The first pixel of segment s, its pixels (none past the row's end) and its vectors.
+  int64_t first(int64_t s) const { return s * segment * W; }
+  int64_t lanes(int64_t s) const { return std::min(segment * W, out_width - first(s)); }
+  int64_t vectors(int64_t s) const { return (lanes(s) + W - 1) / W; }
+
+  int64_t out_width, segment, count;
+};
+
 // The scratch of an accumulation task (see accumulate): for each of `chunk` samples, the runs
 // of a RunLayout, `width` values each, `sample_values` apart. A task owns a group, a band of
 // output rows from row i0 and a segment of output columns from column j0; inputs outside the
@@ -338,7 +359,7 @@ void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeG
 }
 
 // The statistics of one update (ridge_accumulate_). A task owns a group, a band of consecutive
-// output rows and a segment of up to `segment` vectors of kWidth consecutive pixels of those
+// output rows and a segment (RowSegments) of vectors of kWidth consecutive pixels of those
 // rows. For a chunk of samples it first copies what the task reads into a scratch of runs
 // (TaskRuns): row a of the augmented design [z, y] of pixel k of a row of the band is then
 // value shift_a + k of a run, so each input is converted once for all the taps that read it.
@@ -367,12 +388,9 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   // Samples per pass: a vector's design rows for them fit in about kScratchBytes of L1.
   const int64_t chunk =
       std::clamp<int64_t>(kScratchBytes / (padded_rows * int64_t(sizeof(V))), 8, 64);
-  const int64_t row_vectors = (g.out_width + W - 1) / W;
-  const int64_t segment = std::clamp<int64_t>(
-      kAccumulatorBytes / (acc_size * int64_t(sizeof(V))), 1, row_vectors);
-  const int64_t segments = (row_vectors + segment - 1) / segment;
+  const RowSegments<W> segments(g.out_width, acc_size * int64_t(sizeof(V)));
   const RunLayout layout(rg, 1);
-  const int64_t width = (segment * W + layout.span() + W - 1) / W * W;
+  const int64_t width = segments.run_width(layout.span());
   const int64_t sample_values = (layout.ones_run() + 1) * width;
   // Where augmented row a of the segment's first vector starts in a sample's runs, and where
   // entry packed_index(b, a) is in a vector's accumulators, in values.
@@ -384,27 +402,26 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
           ((packed_index(b / kTile, a / kTile) * kTile + a % kTile) * kTile + b % kTile) * W;
     }
   }
-  const int64_t work = g.batch * rows * rows * W * segment;
-  at::parallel_for(0, g.groups * g.out_height * segments,
+  const int64_t work = g.batch * rows * rows * W * segments.segment;
+  at::parallel_for(0, g.groups * g.out_height * segments.count,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
-    VectorBuffer<V> acc(segment * acc_size);
+    VectorBuffer<V> acc(segments.segment * acc_size);
     TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, layout.ones_run());
     const acc_t* scratch = task_runs.scratch();
     std::vector<const acc_t*> row_starts(rows);
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / (g.out_height * segments);
-      const int64_t i = task / segments % g.out_height;
-      const int64_t first = task % segments * segment;
-      const int64_t count_vectors = std::min(segment, row_vectors - first);
-      const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
+      const int64_t group = task / (g.out_height * segments.count);
+      const int64_t i = task / segments.count % g.out_height;
+      const int64_t segment = task % segments.count;
+      const int64_t lanes = segments.lanes(segment);
       acc.zero();
-      task_runs.set(x, y, g, layout, group, i, first * W, lanes);
+      task_runs.set(x, y, g, layout, group, i, segments.first(segment), lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
         task_runs.fill(n0, count, g.batch);
-        for (int64_t v = 0; v < count_vectors; ++v) {
+        for (int64_t v = 0; v < segments.vectors(segment); ++v) {
           for (int64_t a = 0; a < rows; ++a) row_starts[a] = scratch + row_offsets[a] + v * W;
           V* vector_acc = acc.data() + v * acc_size;
           for (int64_t ta = 0; ta < blocks; ++ta) {
@@ -424,7 +441,7 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
       }
       const acc_t* sums = reinterpret_cast<const acc_t*>(acc.data());
       add_to_statistics(
-          gram, cross, target_sq, rg, group, i, 1, first * W, lanes, acc_size * W,
+          gram, cross, target_sq, rg, group, i, 1, segments.first(segment), lanes, acc_size * W,
           [&](int64_t, int64_t entry) { return sums + entry_values[entry]; }, destinations);
     }
   });
@@ -515,13 +532,10 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
     product = (k * kBlockRows + r % kBlockRows) * kBlockCols + q % kBlockCols;
   }
   const int64_t count_products = int64_t(blocks.size()) * kBlockRows * kBlockCols;
-  const int64_t row_vectors = (g.out_width + W - 1) / W;
-  const int64_t segment = std::clamp<int64_t>(
-      kAccumulatorBytes / (count_products * int64_t(sizeof(V))), 1, row_vectors);
-  const int64_t segments = (row_vectors + segment - 1) / segment;
-  const int64_t width = (segment * W + layout.span() + W - 1) / W * W;
+  const RowSegments<W> segments(g.out_width, count_products * int64_t(sizeof(V)));
+  const int64_t width = segments.run_width(layout.span());
   // The vectors of a product's values that a segment's entries read, at most width / W.
-  const int64_t product_vectors = (segment * W + max_entry_shift + W - 1) / W;
+  const int64_t product_vectors = (segments.segment * W + max_entry_shift + W - 1) / W;
   const int64_t sample_values = (ones_run + 1) * width;
   // Samples per pass: a vector's values of every run for them (two cache lines each) fit in
   // about kScratchBytes of L1.
@@ -540,8 +554,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   for (size_t e = 0; e < entry_key.size(); ++e) {
     entry_values[e] = product_of[entry_key[e]] * product_vectors * W + entry_shift[e % entries];
   }
-  const int64_t work = g.batch * count_products * W * segment;
-  at::parallel_for(0, g.groups * bands * segments,
+  const int64_t work = g.batch * count_products * W * segments.segment;
+  at::parallel_for(0, g.groups * bands * segments.count,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(count_products * product_vectors);
@@ -549,14 +563,13 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
     const acc_t* scratch = task_runs.scratch();
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / (bands * segments);
-      const int64_t i0 = task / segments % bands * band;
-      const int64_t first = task % segments * segment;
-      const int64_t count_vectors = std::min(segment, row_vectors - first);
-      const int64_t lanes = std::min(count_vectors * W, g.out_width - first * W);
+      const int64_t group = task / (bands * segments.count);
+      const int64_t i0 = task / segments.count % bands * band;
+      const int64_t segment = task % segments.count;
+      const int64_t lanes = segments.lanes(segment);
       const int64_t task_vectors = (lanes + max_entry_shift + W - 1) / W;
       acc.zero();
-      task_runs.set(x, y, g, layout, group, i0, first * W, lanes);
+      task_runs.set(x, y, g, layout, group, i0, segments.first(segment), lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
         task_runs.fill(n0, count, g.batch);
@@ -574,8 +587,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
       }
       const acc_t* sums = reinterpret_cast<const acc_t*>(acc.data());
       add_to_statistics(
-          gram, cross, target_sq, rg, group, i0, std::min(band, g.out_height - i0), first * W,
-          lanes, W,
+          gram, cross, target_sq, rg, group, i0, std::min(band, g.out_height - i0),
+          segments.first(segment), lanes, W,
           [&](int64_t b, int64_t entry) { return sums + entry_values[b * entries + entry]; },
           destinations);
     }
