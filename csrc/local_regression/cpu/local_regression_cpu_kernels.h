@@ -43,6 +43,27 @@ void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_s
   }
 }
 
+// An input row (the input's row x_row) kept as stride_w phase rows of row_len from row: phase
+// p holds the input columns p - pad_w + t * stride_w, zeros outside the image, so that kernel
+// column v reads phase (v * dilation_w) % stride_w contiguously (phase_columns).
+template <typename T>
+void pad_phase_rows(T* row, const T* x_row, const LocalGeometry& g, int64_t row_len) {
+  for (int64_t p = 0; p < g.stride_w; ++p) {
+    padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w, row_len);
+  }
+}
+
+// Where kernel column v reads the phase rows of pad_phase_rows: phase (v * dilation_w) %
+// stride_w, from t = j + (v * dilation_w) / stride_w for output column j.
+inline std::vector<int64_t> phase_columns(const LocalGeometry& g, int64_t row_len) {
+  std::vector<int64_t> columns(g.kernel_w);
+  for (int64_t v = 0; v < g.kernel_w; ++v) {
+    const int64_t m = v * g.dilation_w;
+    columns[v] = m % g.stride_w * row_len + m / g.stride_w;
+  }
+  return columns;
+}
+
 // Asks for the `count` elements from p, which the next task reads: the weight rows of one task
 // are too many short streams for the hardware prefetcher.
 template <typename T>
@@ -169,23 +190,23 @@ void accumulate_band_samples(BandTask<T> task, int64_t samples) {
   if constexpr (kBatch > 1) accumulate_band_samples<kRows, kKernel, kBatch / 2>(task, samples);
 }
 
-// accumulate_band_samples, with the unit-step square kernels of RegGAN's layers compiled for
-// their size.
-template <int kRows, typename T>
-void accumulate_band_for_kernel(const BandTask<T>& task, int64_t samples, bool unit_steps) {
-  if constexpr (kRows > 1) {
-    if (unit_steps && task.kernel_h == task.kernel_w) {
-      switch (task.kernel_h) {
-        case 3:
-          return accumulate_band_samples<kRows, 3>(task, samples);
-        case 5:
-          return accumulate_band_samples<kRows, 5>(task, samples);
-        case 7:
-          return accumulate_band_samples<kRows, 7>(task, samples);
-      }
+// accumulate_band_samples for bands of band_rows (1 or kBandRows) rows, with the unit-step square
+// kernels of RegGAN's layers compiled for their size.
+template <typename T>
+void accumulate_band_for_kernel(const BandTask<T>& task, int64_t samples, int64_t band_rows,
+                                bool unit_steps) {
+  if (band_rows == 1) return accumulate_band_samples<1, 0>(task, samples);
+  if (unit_steps && task.kernel_h == task.kernel_w) {
+    switch (task.kernel_h) {
+      case 3:
+        return accumulate_band_samples<kBandRows, 3>(task, samples);
+      case 5:
+        return accumulate_band_samples<kBandRows, 5>(task, samples);
+      case 7:
+        return accumulate_band_samples<kBandRows, 7>(task, samples);
     }
   }
-  accumulate_band_samples<kRows, 0>(task, samples);
+  accumulate_band_samples<kBandRows, 0>(task, samples);
 }
 
 // dst[b * block + l] = row[b * lanes + l + shift] for the columns b * lanes + l of the blocks
@@ -209,19 +230,18 @@ void pack_row(T* dst, int64_t block, const T* row, int64_t row_width, int64_t sh
   }
 }
 
-// The weight rows of band rows rho < rows_here for taps t < count, rows[offsets[t] + rho * width]
+// The weight rows of band rows rho < rows_here for taps t < count, rows[t * tap + rho * width]
 // (the rows of one tap are adjacent in the weight), packed into their column blocks at
-// (t * band_rows + rho) * lanes. In
-// place, the taps' rows, one plane apart (often a multiple of 4 KiB), would compete for the few
-// cache sets they share, so each load would wait on memory; a copy loop keeps many misses in
-// flight, and the copy stays cached for every tile of samples.
+// (t * band_rows + rho) * lanes. In place, the taps' rows, one plane apart (often a multiple of
+// 4 KiB), would compete for the few cache sets they share, so each load would wait on memory; a
+// copy loop keeps many misses in flight, and the copy stays cached for every tile of samples.
 template <typename T>
-void pack_band_weights(T* packed, int64_t block, const T* rows, const int64_t* offsets,
-                       int64_t count, int64_t band_rows, int64_t rows_here, int64_t width) {
+void pack_band_weights(T* packed, int64_t block, const T* rows, int64_t tap, int64_t count,
+                       int64_t band_rows, int64_t rows_here, int64_t width) {
   constexpr int64_t kLanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
   for (int64_t t = 0; t < count; ++t) {
     for (int64_t rho = 0; rho < rows_here; ++rho) {
-      pack_row(packed + (t * band_rows + rho) * kLanes, block, rows + offsets[t] + rho * width,
+      pack_row(packed + (t * band_rows + rho) * kLanes, block, rows + t * tap + rho * width,
                width, 0, width);
     }
   }
@@ -234,10 +254,8 @@ void pack_band_weights(T* packed, int64_t block, const T* rows, const int64_t* o
 // row, d is the kernel row). The input rows of a step of samples and channels are padded once
 // into scratch and serve every output channel of the group; a window row outside the image reads
 // a row of zeros there. The weight rows of (o, band), read from memory once and packed, serve
-// every sample. Input row (n, c, r) is kept as stride_w phase rows: phase p holds the input
-// columns p - pad_w + t * stride_w, so kernel column v reads phase (v * dilation_w) % stride_w
-// contiguously from t = j + (v * dilation_w) / stride_w. y holds the partial sums between steps
-// of channels.
+// every sample. Input row (n, c, r) is kept as stride_w phase rows (pad_phase_rows). y holds the
+// partial sums between steps of channels.
 template <typename T>
 void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeometry& g) {
   const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
@@ -265,14 +283,8 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> rows(n_step * c_step * channel_len);
     std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
-    std::vector<int64_t> x_col(g.kernel_w), x_rows(c_step * offsets);
-    for (int64_t v = 0; v < g.kernel_w; ++v) {
-      const int64_t m = v * g.dilation_w;
-      x_col[v] = m % phases * row_len + m / phases;
-    }
-    const int64_t taps = c_step * g.kernel_h * g.kernel_w;
-    std::vector<int64_t> w_off(taps);
-    for (int64_t t = 0; t < taps; ++t) w_off[t] = t * w_tap;
+    const std::vector<int64_t> x_col = phase_columns(g, row_len);
+    std::vector<int64_t> x_rows(c_step * offsets);
     std::vector<T> packed((g.out_width + lanes - 1) / lanes * w_block);
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -298,11 +310,8 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
                 for (int64_t c = 0; c < c_count; ++c) {
                   const T* x_row = x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) *
                                             g.in_height + r) * g.in_width;
-                  T* row = rows.data() + n * sample_len + (c * (slots + 1) + slot) * slot_len;
-                  for (int64_t p = 0; p < phases; ++p) {
-                    padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
-                               row_len);
-                  }
+                  pad_phase_rows(rows.data() + n * sample_len + (c * (slots + 1) + slot) * slot_len,
+                                 x_row, g, row_len);
                 }
               }
             }
@@ -313,8 +322,8 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
           const int64_t c_taps = c_count * g.kernel_h * g.kernel_w;
           for (int64_t o = group * g.out_per_group(); o < (group + 1) * g.out_per_group(); ++o) {
             const T* w_base = w + g.weight_row(o, c_begin, 0, 0, i0);
-            pack_band_weights(packed.data(), w_block, w_base, w_off.data(), c_taps, band_rows,
-                              rows_here, g.out_width);
+            pack_band_weights(packed.data(), w_block, w_base, w_tap, c_taps, band_rows, rows_here,
+                              g.out_width);
             // The weights of the next (channel, band) this thread packs, asked for while this one
             // is summed: fetched when needed, their many short rows would wait on memory.
             const int64_t next_o = o + 1 < (group + 1) * g.out_per_group() ? o + 1 : -1;
@@ -324,7 +333,7 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
               const int64_t i_next = next_task % bands * band_rows;
               const T* next = w + g.weight_row(o_next, c_begin, 0, 0, i_next);
               for (int64_t t = 0; t < c_taps; ++t) {
-                prefetch_span(next + w_off[t],
+                prefetch_span(next + t * w_tap,
                               std::min(band_rows, g.out_height - i_next) * g.out_width);
               }
             }
@@ -335,11 +344,7 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
                 g.out_width, c_begin == 0,
                 y + ((n_begin * g.out_channels + o) * g.out_height + i0) * g.out_width,
                 y_sample, g.out_width};
-            if (band_rows == 1) {
-              accumulate_band_for_kernel<1>(band, n_count, unit_steps);
-            } else {
-              accumulate_band_for_kernel<kBandRows>(band, n_count, unit_steps);
-            }
+            accumulate_band_for_kernel(band, n_count, band_rows, unit_steps);
           }
         }
       }
@@ -464,11 +469,7 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
                 o_count, g.kernel_h, g.kernel_w, rows_here, g.in_width, nullptr, 0, o_begin == 0,
                 grad_x + ((n_begin * g.in_channels + ci) * g.in_height + r0) * g.in_width,
                 gx_sample, g.in_width};
-            if (band_rows == 1) {
-              accumulate_band_for_kernel<1>(band, n_count, g.dilation_w == 1);
-            } else {
-              accumulate_band_for_kernel<kBandRows>(band, n_count, g.dilation_w == 1);
-            }
+            accumulate_band_for_kernel(band, n_count, band_rows, g.dilation_w == 1);
           }
         }
       }
@@ -638,11 +639,7 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
                          g.out_plane() * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> rows(n_step * offsets * window_row), gy_rows(n_step * gy_sample);
-    std::vector<int64_t> x_col(g.kernel_w);
-    for (int64_t v = 0; v < g.kernel_w; ++v) {
-      const int64_t m = v * g.dilation_w;
-      x_col[v] = m % phases * row_len + m / phases;
-    }
+    const std::vector<int64_t> x_col = phase_columns(g, row_len);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / bands;
       const int64_t i0 = task % bands * band_rows;
@@ -677,10 +674,7 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
               }
               const T* x_row =
                   x + (((n_begin + n) * g.in_channels + c0 + c) * g.in_height + r) * g.in_width;
-              for (int64_t p = 0; p < phases; ++p) {
-                padded_row(row + p * row_len, x_row, g.in_width, p - g.pad_w, g.stride_w,
-                           row_len);
-              }
+              pad_phase_rows(row, x_row, g, row_len);
             }
           }
           for (int64_t o = 0; o < g.out_per_group(); ++o) {
@@ -693,12 +687,8 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
             for (int64_t d = 0; d < offsets; ++d) {
               const int64_t first = std::max<int64_t>(0, d - g.kernel_h + 1);
               const int64_t last = std::min(rows_here - 1, d);
-              if (first > last) continue;
-              if (band_rows == 1) {
-                weight_band_rows<1>(band, d, g.kernel_w, first, last);
-              } else {
-                weight_band_rows<kBandRows>(band, d, g.kernel_w, first, last);
-              }
+              // With one row a band has only the range [0, 0].
+              if (first <= last) weight_band_rows<kBandRows>(band, d, g.kernel_w, first, last);
             }
           }
         }
