@@ -15,6 +15,7 @@ uninterrupted run would have taken; the checkpoint holds the models, the discrim
 """
 
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -392,6 +393,10 @@ def run(config: Config, run_dir: Path, overwrite: bool = False, resume: bool = F
         return run_dir
     finally:
         if distributed.active and torch.distributed.is_initialized():
+            # DistributedDataParallel wrappers outlive train() in reference cycles. Left to the
+            # collector, they may be freed during interpreter shutdown, where releasing the gloo
+            # work their reducers hold can abort the process (seen once in CI: SIGABRT at exit).
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
