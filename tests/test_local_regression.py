@@ -580,6 +580,22 @@ def test_table_times_with_the_threads_it_reports(monkeypatch):
     assert seen and set(seen) == {2}
 
 
+def test_forward_batch_scaling_times_every_batch_and_thread_count():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "forward_batch_scaling.py")
+    out = subprocess.run(
+        [sys.executable, script, "--case", "per-channel 128x128 k3", "--batches", "1", "3",
+         "--threads", "1", "2", "--seconds", "0.01"],
+        check=True, capture_output=True, text=True).stdout
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [(row[0], row[3]) for row in rows] == [("1", "1"), ("1", "3"), ("2", "1"), ("2", "3")]
+    assert all(float(row[4]) > 0 for row in rows)
+    ambiguous = subprocess.run([sys.executable, script, "--case", "per-channel"],
+                               capture_output=True, text=True)
+    assert ambiguous.returncode != 0 and "must select one case" in ambiguous.stderr
+
+
 def test_compare_builds_times_both_builds(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", "compare_builds.py")

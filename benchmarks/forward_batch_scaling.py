@@ -1,0 +1,73 @@
+"""Times the CPU forward of one LocalRegression case at several batch sizes, on one thread and on
+all of them, beside a plain read and a copy of 256 MiB on the same threads.
+
+The weights are read once per call whatever the batch, and every sample adds the same
+multiply-adds, so the sweep shows the two limits apart: with one sample the time is mostly the
+weight stream (its GB/s is weight bytes / time), with many it is mostly the multiply-adds (their
+rate is samples x multiply-adds per sample / time). Where the case's own batch lies between them
+tells whether its bandwidth against a copy is held back by the stream, the arithmetic, or their
+not overlapping.
+
+    python benchmarks/forward_batch_scaling.py [--case SUBSTRING] [--batches 1 2 4 8 16 32]
+                                               [--threads 1 2] [--seconds 0.5]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn, traffic_bytes  # noqa: E402
+
+
+def median_seconds(fn, seconds):
+    fn()  # warm-up
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=seconds).median
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="16->16", help="substring of one case's name")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--threads", type=int, nargs="+",
+                        default=sorted({1, torch.get_num_threads()}))
+    parser.add_argument("--seconds", type=float, default=0.5, help="timed per measurement")
+    args = parser.parse_args()
+    names = [name for name in CASES if args.case in name]
+    if len(names) != 1:
+        sys.exit(f"--case {args.case!r} must select one case of {list(CASES)}")
+    if min(args.batches) < 1 or min(args.threads) < 1:
+        sys.exit("--batches and --threads must be >= 1")
+    name = names[0]
+    _, channels, size, kernel, groups = CASES[name]
+    weight_bytes = channels * channels // groups * kernel * kernel * size * size * 4
+    multiply_adds = channels * channels // groups * kernel * kernel * size * size  # per sample
+    source = torch.ones(64 << 20)
+    destination = torch.empty_like(source)
+    print(f"{name} at other batch sizes, float32 forward, torch {torch.__version__}; weights "
+          f"{weight_bytes / 1e6:.1f} MB, {multiply_adds / 1e6:.1f} M multiply-adds per sample\n")
+    print("| threads | read GB/s | copy GB/s | batch | ms | weight GB/s | G multiply-adds/s | "
+          "% of copy (min traffic) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        read_gbs = source.numel() * 4 / median_seconds(source.sum, args.seconds) / 1e9
+        copy_gbs = 2 * source.numel() * 4 / median_seconds(
+            lambda: destination.copy_(source), args.seconds) / 1e9
+        for batch in args.batches:
+            case = (batch, channels, size, kernel, groups)
+            fn = pass_fn(IMPLEMENTATIONS["kernel"], case, "cpu", torch.float32, "forward")
+            seconds = median_seconds(fn, args.seconds)
+            traffic = traffic_bytes(case, torch.float32, "forward")
+            print(f"| {threads} | {read_gbs:.1f} | {copy_gbs:.1f} | {batch} | {seconds * 1e3:.3f} "
+                  f"| {weight_bytes / seconds / 1e9:.1f} | "
+                  f"{batch * multiply_adds / seconds / 1e9:.1f} | "
+                  f"{100 * traffic / seconds / 1e9 / copy_gbs:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
