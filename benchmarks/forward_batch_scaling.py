@@ -17,16 +17,10 @@ import os
 import sys
 
 import torch
-from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn, traffic_bytes  # noqa: E402
-
-
-def median_seconds(fn, seconds):
-    fn()  # warm-up
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=seconds).median
+from local_regression_table import copy_bandwidth, median_seconds  # noqa: E402
 
 
 def main():
@@ -44,10 +38,10 @@ def main():
         sys.exit("--batches and --threads must be >= 1")
     name = names[0]
     _, channels, size, kernel, groups = CASES[name]
-    weight_bytes = channels * channels // groups * kernel * kernel * size * size * 4
-    multiply_adds = channels * channels // groups * kernel * kernel * size * size  # per sample
+    # Every weight is one multiply-add per sample.
+    multiply_adds = channels * (channels // groups) * kernel * kernel * size * size
+    weight_bytes = multiply_adds * 4
     source = torch.ones(64 << 20)
-    destination = torch.empty_like(source)
     print(f"{name} at other batch sizes, float32 forward, torch {torch.__version__}; weights "
           f"{weight_bytes / 1e6:.1f} MB, {multiply_adds / 1e6:.1f} M multiply-adds per sample\n")
     print("| threads | read GB/s | copy GB/s | batch | ms | weight GB/s | G multiply-adds/s | "
@@ -55,13 +49,12 @@ def main():
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        read_gbs = source.numel() * 4 / median_seconds(source.sum, args.seconds) / 1e9
-        copy_gbs = 2 * source.numel() * 4 / median_seconds(
-            lambda: destination.copy_(source), args.seconds) / 1e9
+        read_gbs = source.numel() * 4 / median_seconds(source.sum, "cpu", args.seconds) / 1e9
+        copy_gbs = copy_bandwidth("cpu", torch.float32, args.seconds)
         for batch in args.batches:
             case = (batch, channels, size, kernel, groups)
             fn = pass_fn(IMPLEMENTATIONS["kernel"], case, "cpu", torch.float32, "forward")
-            seconds = median_seconds(fn, args.seconds)
+            seconds = median_seconds(fn, "cpu", args.seconds)
             traffic = traffic_bytes(case, torch.float32, "forward")
             print(f"| {threads} | {read_gbs:.1f} | {copy_gbs:.1f} | {batch} | {seconds * 1e3:.3f} "
                   f"| {weight_bytes / seconds / 1e9:.1f} | "
