@@ -19,7 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_regression_cases import CASES, IMPLEMENTATIONS, pass_fn, traffic_bytes  # noqa: E402
+from local_regression_cases import (  # noqa: E402
+    CASES, IMPLEMENTATIONS, pass_fn, traffic_bytes, weight_elements)
 from local_regression_table import copy_bandwidth, median_seconds  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main():
     name = names[0]
     _, channels, size, kernel, groups = CASES[name]
     # Every weight is one multiply-add per sample.
-    multiply_adds = channels * (channels // groups) * kernel * kernel * size * size
+    multiply_adds = weight_elements(CASES[name])
     weight_bytes = multiply_adds * 4
     source = torch.ones(64 << 20)
     print(f"{name} at other batch sizes, float32 forward, torch {torch.__version__}; weights "

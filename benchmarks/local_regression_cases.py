@@ -63,13 +63,20 @@ def scaled_cases(cases, batch_multiplier):
     return scaled
 
 
+def weight_elements(case):
+    """Elements of the case's weight: one per output pixel, input channel of its group and tap,
+    which is also the forward's multiply-adds per sample."""
+    _, channels, size, kernel, groups = case
+    return channels * (channels // groups) * kernel * kernel * size * size
+
+
 def traffic_bytes(case, dtype, which):
     """Bytes a pass must move at least. Forward: read x, weight and bias, write y. Backward: read
     grad_y, x and weight, write grad_x, grad_weight and grad_bias."""
-    batch, channels, size, kernel, groups = case
+    batch, channels, size, _, _ = case
     plane = size * size
     activations = batch * channels * plane
-    weight = channels * (channels // groups) * kernel * kernel * plane
+    weight = weight_elements(case)
     bias = channels * plane
     elements = (2 * activations + weight + bias if which == "forward"
                 else 3 * activations + 2 * weight + bias)
