@@ -194,12 +194,15 @@ def test_backward_is_deterministic():
         assert torch.equal(first, second)
 
 
-def test_backward_is_bitwise_equal_across_thread_counts():
-    """Each output element is summed by one task in a fixed order, whatever the split."""
+@pytest.mark.parametrize("in_channels, out_channels, groups", [(4, 6, 2), (7, 5, 1)])
+def test_backward_is_bitwise_equal_across_thread_counts(in_channels, out_channels, groups):
+    """Each output element is summed by one task in a fixed order, whatever the split (the second
+    layer's channels also come in several steps, whose partial sums the output holds)."""
     torch.manual_seed(0)
-    layer, x = random_layer_inputs(6, 4, 6, (19, 37), 3, padding=1, groups=2, dtype=torch.float32)
+    layer, x = random_layer_inputs(6, in_channels, out_channels, (19, 37), 3, padding=1,
+                                   groups=groups, dtype=torch.float32)
     x.requires_grad_()
-    grad_output = torch.randn(6, 6, 19, 37)
+    grad_output = torch.randn(6, out_channels, 19, 37)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -35,6 +35,11 @@ constexpr int64_t kMinTaskWork = 1 << 14;
 // A task's padded scratch rows fit in about this much of L2.
 template <typename T>
 constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
+// A forward or input-gradient task reads about this many bytes of each weight plane it uses, in
+// one ascending span, and a step of channels at most kWeightStreams planes at once: the hardware
+// prefetcher follows a few long streams ahead of the loads, not many short ones.
+constexpr int64_t kRunBytes = 4096;
+constexpr int64_t kWeightStreams = 18;
 // A weight gradient of at least this many bytes is stored past the caches: it would not stay
 // cached for its reader anyway. Below, it is faster to keep it there.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;

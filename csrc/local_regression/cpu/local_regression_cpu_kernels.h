@@ -5,8 +5,9 @@
 // rows too) and kTapTile (kernel columns whose weight-gradient sums are held together), after
 // including everything it uses. Hence no include guard and no includes.
 //
-// A task owns a band of row indices of a group: the output rows (forward, weight gradient) or input
-// rows (input gradient) at those indices of every channel of the group and every sample. The rows
+// A task owns a band of row indices of a group (weight gradient) or a run of adjacent bands
+// (forward, input gradient): the output rows (forward, weight gradient) or input rows (input
+// gradient) at those indices of every channel of the group and every sample. The rows
 // it reads at shifted columns are first copied into zero-padded scratch rows (padded_row) that all
 // channels of the group share, so the vector loops need no bounds checks and any stride and
 // dilation reads contiguously. The weight rows (forward, input gradient) and the grad_y rows
@@ -64,14 +65,18 @@ inline std::vector<int64_t> phase_columns(const LocalGeometry& g, int64_t row_le
   return columns;
 }
 
-// Asks for the `count` elements from p, which the next task reads: the weight rows of one task
-// are too many short streams for the hardware prefetcher.
+// Bands of band_elements weight elements per plane that one task runs through in order: about
+// kRunBytes of each plane, as long as that leaves two tasks per thread.
 template <typename T>
-void prefetch_span(const T* p, int64_t count) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += 64) {
-    __builtin_prefetch(bytes + byte, 0, 2);
-  }
+int64_t bands_per_run(int64_t band_elements, int64_t bands, int64_t groups) {
+  const int64_t by_bytes = kRunBytes / std::max<int64_t>(1, band_elements * int64_t(sizeof(T)));
+  const int64_t by_threads = groups * bands / (2 * at::get_num_threads());
+  return std::clamp<int64_t>(std::min(by_bytes, by_threads), 1, std::max<int64_t>(1, bands));
+}
+
+// Channels whose weight planes a step reads at once: at most kWeightStreams planes.
+inline int64_t weight_stream_channels(const LocalGeometry& g) {
+  return std::max<int64_t>(1, kWeightStreams / (g.kernel_h * g.kernel_w));
 }
 
 // What accumulate_band reads and writes for one band of rows of one channel and a step of
@@ -247,31 +252,37 @@ void pack_band_weights(T* packed, int64_t block, const T* rows, int64_t tap, int
   }
 }
 
-// One task per (group, band of output rows). With stride_h and dilation_h 1, adjacent output rows
-// read the same input rows through different kernel rows, so a band of kBandRows rows loads each
-// input value once for all of them; otherwise a band is one row. Window offset d of the band
-// from output row i0 is input row input_row(i0, d): kernel row d - rho of band row rho (for one
-// row, d is the kernel row). The input rows of a step of samples and channels are padded once
-// into scratch and serve every output channel of the group; a window row outside the image reads
-// a row of zeros there. The weight rows of (o, band), read from memory once and packed, serve
-// every sample. Input row (n, c, r) is kept as stride_w phase rows (pad_phase_rows). y holds the
-// partial sums between steps of channels.
+// One task per (group, run of bands of output rows). With stride_h and dilation_h 1, adjacent
+// output rows read the same input rows through different kernel rows, so a band of kBandRows rows
+// loads each input value once for all of them; otherwise a band is one row. Window offset d of
+// the band from output row i0 is input row input_row(i0, d): kernel row d - rho of band row rho
+// (for one row, d is the kernel row). The input rows a run's windows span, for a step of samples
+// and channels, are padded once into scratch and serve every output channel of the group; a
+// window row outside the image reads a row of zeros there. Input row (n, c, r) is kept as
+// stride_w phase rows (pad_phase_rows). For each output channel the run's bands then go in order,
+// each packing its weight rows before summing them: a step's few channels keep the weight planes
+// read at once few, and the run reads each of them in one ascending span, which the hardware
+// prefetcher follows. y holds the partial sums between steps of channels.
 template <typename T>
 void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeometry& g) {
   const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
   const int64_t bands = (g.out_height + band_rows - 1) / band_rows;
+  const int64_t run_bands = bands_per_run<T>(band_rows * g.out_width, bands, g.groups);
+  const int64_t runs = (bands + run_bands - 1) / run_bands;
   const int64_t offsets = g.kernel_h + band_rows - 1;  // window offsets d of a band
   const int64_t phases = g.stride_w;
   const int64_t row_len =
       scratch_row_length<T>(g.out_width, (g.kernel_w - 1) * g.dilation_w / phases);
-  // The input rows a band's window spans, one slot each: slot r % slots holds input row r, and
-  // slot `slots` stays zero. When a task is one step, consecutive tasks of a group share all but
-  // the rows their windows do not overlap in, and those stay padded.
-  const int64_t slots = (g.kernel_h - 1) * g.dilation_h + band_rows;
+  // The input rows a run's windows span, one slot each: slot r % slots holds input row r, and
+  // slot `slots` stays zero. When a task is one step, consecutive tasks of a group share the rows
+  // their windows overlap in, and those stay padded.
+  const int64_t slots =
+      (run_bands * band_rows - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1;
   const int64_t slot_len = phases * row_len;
   const int64_t channel_len = (slots + 1) * slot_len;  // scratch of one (n, c)
   int64_t n_step, c_step;
   scratch_steps<T>(channel_len, g.batch, g.in_per_group(), &n_step, &c_step);
+  c_step = std::min(c_step, weight_stream_channels(g));
   const bool one_step = n_step >= g.batch && c_step >= g.in_per_group();
   const int64_t w_tap = g.out_plane();  // weight elements from tap to tap
   const int64_t lanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
@@ -279,18 +290,18 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   const int64_t y_sample = g.out_channels * g.out_plane();
   const bool unit_steps = g.stride_w == 1 && g.dilation_w == 1;
   const int64_t work = g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h *
-                       g.kernel_w * g.out_width * band_rows;
-  at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
+                       g.kernel_w * g.out_width * band_rows * run_bands;
+  at::parallel_for(0, g.groups * runs, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> rows(n_step * c_step * channel_len);
     std::vector<int64_t> slot_row(slots, -1);  // the input row each slot holds, -1 if none
     const std::vector<int64_t> x_col = phase_columns(g, row_len);
-    std::vector<int64_t> x_rows(c_step * offsets);
+    std::vector<int64_t> x_rows(run_bands * c_step * offsets);  // [band][c][d]
     std::vector<T> packed((g.out_width + lanes - 1) / lanes * w_block);
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / bands;
-      const int64_t i0 = task % bands * band_rows;
-      const int64_t rows_here = std::min(band_rows, g.out_height - i0);
+      const int64_t group = task / runs;
+      const int64_t first_band = task % runs * run_bands;
+      const int64_t run_end = std::min(bands, first_band + run_bands);
       const int64_t c0 = group * g.in_per_group();
       for (int64_t n_begin = 0; n_begin < g.batch; n_begin += n_step) {
         const int64_t n_count = std::min(g.batch - n_begin, n_step);
@@ -300,51 +311,46 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
           const int64_t sample_len = c_count * channel_len;
           if (!one_step || group != padded_group) std::fill(slot_row.begin(), slot_row.end(), -1);
           padded_group = group;
-          for (int64_t d = 0; d < offsets; ++d) {
-            const int64_t r = g.input_row(i0, d);
-            const bool inside = r >= 0 && r < g.in_height;
-            const int64_t slot = inside ? r % slots : slots;
-            if (inside && slot_row[slot] != r) {
-              slot_row[slot] = r;
-              for (int64_t n = 0; n < n_count; ++n) {
-                for (int64_t c = 0; c < c_count; ++c) {
-                  const T* x_row = x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) *
-                                            g.in_height + r) * g.in_width;
-                  pad_phase_rows(rows.data() + n * sample_len + (c * (slots + 1) + slot) * slot_len,
-                                 x_row, g, row_len);
+          for (int64_t b = first_band; b < run_end; ++b) {
+            for (int64_t d = 0; d < offsets; ++d) {
+              const int64_t r = g.input_row(b * band_rows, d);
+              const bool inside = r >= 0 && r < g.in_height;
+              const int64_t slot = inside ? r % slots : slots;
+              if (inside && slot_row[slot] != r) {
+                slot_row[slot] = r;
+                for (int64_t n = 0; n < n_count; ++n) {
+                  for (int64_t c = 0; c < c_count; ++c) {
+                    const T* x_row = x + (((n_begin + n) * g.in_channels + c0 + c_begin + c) *
+                                              g.in_height + r) * g.in_width;
+                    pad_phase_rows(
+                        rows.data() + n * sample_len + (c * (slots + 1) + slot) * slot_len, x_row,
+                        g, row_len);
+                  }
                 }
               }
-            }
-            for (int64_t c = 0; c < c_count; ++c) {
-              x_rows[c * offsets + d] = (c * (slots + 1) + slot) * slot_len;
+              for (int64_t c = 0; c < c_count; ++c) {
+                x_rows[((b - first_band) * c_count + c) * offsets + d] =
+                    (c * (slots + 1) + slot) * slot_len;
+              }
             }
           }
           const int64_t c_taps = c_count * g.kernel_h * g.kernel_w;
           for (int64_t o = group * g.out_per_group(); o < (group + 1) * g.out_per_group(); ++o) {
-            const T* w_base = w + g.weight_row(o, c_begin, 0, 0, i0);
-            pack_band_weights(packed.data(), w_block, w_base, w_tap, c_taps, band_rows, rows_here,
-                              g.out_width);
-            // The weights of the next (channel, band) this thread packs, asked for while this one
-            // is summed: fetched when needed, their many short rows would wait on memory.
-            const int64_t next_o = o + 1 < (group + 1) * g.out_per_group() ? o + 1 : -1;
-            if (next_o >= 0 || task + 1 < end) {
-              const int64_t next_task = next_o >= 0 ? task : task + 1;
-              const int64_t o_next = next_o >= 0 ? next_o : next_task / bands * g.out_per_group();
-              const int64_t i_next = next_task % bands * band_rows;
-              const T* next = w + g.weight_row(o_next, c_begin, 0, 0, i_next);
-              for (int64_t t = 0; t < c_taps; ++t) {
-                prefetch_span(next + t * w_tap,
-                              std::min(band_rows, g.out_height - i_next) * g.out_width);
-              }
+            for (int64_t b = first_band; b < run_end; ++b) {
+              const int64_t i0 = b * band_rows;
+              const int64_t rows_here = std::min(band_rows, g.out_height - i0);
+              pack_band_weights(packed.data(), w_block, w + g.weight_row(o, c_begin, 0, 0, i0),
+                                w_tap, c_taps, band_rows, rows_here, g.out_width);
+              const BandTask<T> band{
+                  packed.data(), w_block, rows.data(), sample_len,
+                  x_rows.data() + (b - first_band) * c_count * offsets, x_col.data(),
+                  c_count, g.kernel_h, g.kernel_w, rows_here, g.out_width,
+                  bias != nullptr ? bias + (o * g.out_height + i0) * g.out_width : nullptr,
+                  g.out_width, c_begin == 0,
+                  y + ((n_begin * g.out_channels + o) * g.out_height + i0) * g.out_width,
+                  y_sample, g.out_width};
+              accumulate_band_for_kernel(band, n_count, band_rows, unit_steps);
             }
-            const BandTask<T> band{
-                packed.data(), w_block, rows.data(), sample_len, x_rows.data(), x_col.data(),
-                c_count, g.kernel_h, g.kernel_w, rows_here, g.out_width,
-                bias != nullptr ? bias + (o * g.out_height + i0) * g.out_width : nullptr,
-                g.out_width, c_begin == 0,
-                y + ((n_begin * g.out_channels + o) * g.out_height + i0) * g.out_width,
-                y_sample, g.out_width};
-            accumulate_band_for_kernel(band, n_count, band_rows, unit_steps);
           }
         }
       }
@@ -367,35 +373,39 @@ template <typename T>
 void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeometry& g) {
   const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
   const int64_t bands = (g.in_height + band_rows - 1) / band_rows;
+  const int64_t run_bands = bands_per_run<T>(band_rows * g.out_width, bands, g.groups);
+  const int64_t runs = (bands + run_bands - 1) / run_bands;
   const int64_t offsets = g.kernel_h + band_rows - 1;  // window offsets d of a band
   const int64_t lead = (g.kernel_w - 1) * g.dilation_w - g.pad_w;
   const int64_t row_len = scratch_row_length<T>(g.in_width, (g.kernel_w - 1) * g.dilation_w);
-  // The output rows a band's window spans, one slot each, as in forward.
-  const int64_t slots = (g.kernel_h - 1) * g.dilation_h / g.stride_h + band_rows;
+  // The output rows a run's windows span, one slot each, as in forward.
+  const int64_t slots =
+      (run_bands * band_rows - 1 + (g.kernel_h - 1) * g.dilation_h) / g.stride_h + 1;
   const int64_t channel_len = (slots + 1) * row_len;  // grad_y scratch of one (n, o)
   int64_t n_step, o_step;
   scratch_steps<T>(channel_len, g.batch, g.out_per_group(), &n_step, &o_step);
+  o_step = std::min(o_step, weight_stream_channels(g));
   const bool one_step = n_step >= g.batch && o_step >= g.out_per_group();
   const int64_t lanes = cpu_lanes::Lanes<T, kVectorBytes>::kWidth;
   const int64_t w_block = o_step * g.kernel_h * g.kernel_w * band_rows * lanes;
   const int64_t gx_sample = g.in_channels * g.in_plane();
   const int64_t work = g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h *
-                       g.kernel_w * g.in_width * band_rows;
+                       g.kernel_w * g.in_width * band_rows * run_bands;
   // The output row that input row r0 + rho reads through kernel row u, or -1 if none.
   auto output_row = [&](int64_t r0, int64_t rho, int64_t u) {
     return output_for_input(r0 + rho, u, g.stride_h, g.pad_h, g.dilation_h, g.out_height);
   };
-  at::parallel_for(0, g.groups * bands, grain_for(work), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.groups * runs, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<T> gy_rows(n_step * o_step * channel_len);
     std::vector<int64_t> slot_row(slots, -1);  // the output row each slot holds, -1 if none
-    std::vector<int64_t> x_col(g.kernel_w), x_rows(o_step * offsets);
+    std::vector<int64_t> x_col(g.kernel_w), x_rows(run_bands * o_step * offsets);  // [band][o][d]
     for (int64_t v = 0; v < g.kernel_w; ++v) x_col[v] = v * g.dilation_w;
     std::vector<T> packed((g.in_width + lanes - 1) / lanes * w_block);
     int64_t padded_group = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / bands;
-      const int64_t r0 = task % bands * band_rows;
-      const int64_t rows_here = std::min(band_rows, g.in_height - r0);
+      const int64_t group = task / runs;
+      const int64_t first_band = task % runs * run_bands;
+      const int64_t run_end = std::min(bands, first_band + run_bands);
       const int64_t first_o = group * g.out_per_group();
       for (int64_t n_begin = 0; n_begin < g.batch; n_begin += n_step) {
         const int64_t n_count = std::min(g.batch - n_begin, n_step);
@@ -405,71 +415,59 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
           const int64_t sample_len = o_count * channel_len;
           if (!one_step || group != padded_group) std::fill(slot_row.begin(), slot_row.end(), -1);
           padded_group = group;
-          for (int64_t d = 0; d < offsets; ++d) {
-            const int64_t i = band_rows > 1 ? r0 + g.pad_h - (g.kernel_h - 1) + d
-                                            : output_row(r0, 0, g.kernel_h - 1 - d);
-            const bool inside = i >= 0 && i < g.out_height;
-            const int64_t slot = inside ? i % slots : slots;
-            if (inside && slot_row[slot] != i) {
-              slot_row[slot] = i;
-              for (int64_t n = 0; n < n_count; ++n) {
-                for (int64_t o = 0; o < o_count; ++o) {
-                  padded_row(gy_rows.data() + n * sample_len + (o * (slots + 1) + slot) * row_len,
-                             grad_y + (((n_begin + n) * g.out_channels + first_o + o_begin + o) *
-                                           g.out_height + i) * g.out_width,
-                             g.out_width, -lead, 1, row_len);
+          for (int64_t b = first_band; b < run_end; ++b) {
+            const int64_t r0 = b * band_rows;
+            for (int64_t d = 0; d < offsets; ++d) {
+              const int64_t i = band_rows > 1 ? r0 + g.pad_h - (g.kernel_h - 1) + d
+                                              : output_row(r0, 0, g.kernel_h - 1 - d);
+              const bool inside = i >= 0 && i < g.out_height;
+              const int64_t slot = inside ? i % slots : slots;
+              if (inside && slot_row[slot] != i) {
+                slot_row[slot] = i;
+                for (int64_t n = 0; n < n_count; ++n) {
+                  for (int64_t o = 0; o < o_count; ++o) {
+                    padded_row(gy_rows.data() + n * sample_len + (o * (slots + 1) + slot) * row_len,
+                               grad_y + (((n_begin + n) * g.out_channels + first_o + o_begin + o) *
+                                             g.out_height + i) * g.out_width,
+                               g.out_width, -lead, 1, row_len);
+                  }
                 }
               }
-            }
-            for (int64_t o = 0; o < o_count; ++o) {
-              x_rows[o * offsets + d] = (o * (slots + 1) + slot) * row_len;
+              for (int64_t o = 0; o < o_count; ++o) {
+                x_rows[((b - first_band) * o_count + o) * offsets + d] =
+                    (o * (slots + 1) + slot) * row_len;
+              }
             }
           }
           for (int64_t c = 0; c < g.in_per_group(); ++c) {
-            for (int64_t o = 0; o < o_count; ++o) {
-              for (int64_t u = 0; u < g.kernel_h; ++u) {
-                for (int64_t v = 0; v < g.kernel_w; ++v) {
-                  const int64_t tap = (o * g.kernel_h + g.kernel_h - 1 - u) * g.kernel_w +
-                                      g.kernel_w - 1 - v;
-                  for (int64_t rho = 0; rho < rows_here; ++rho) {
-                    const int64_t i = output_row(r0, rho, u);
-                    // A row the band row does not read (i < 0) is packed as zeros.
-                    const int64_t o_weight = first_o + o_begin + o;
-                    pack_row(packed.data() + (tap * band_rows + rho) * lanes, w_block,
-                             w + g.weight_row(o_weight, c, u, v, std::max<int64_t>(i, 0)),
-                             i >= 0 ? g.out_width : 0, g.pad_w - v * g.dilation_w, g.in_width);
-                  }
-                }
-              }
-            }
-            // The weights the next (input channel, band) of this thread reads, asked for while
-            // this one is summed.
-            const bool next_c = c + 1 < g.in_per_group();
-            if (next_c || task + 1 < end) {
-              const int64_t next_task = next_c ? task : task + 1;
-              const int64_t c_next = next_c ? c + 1 : 0;
-              const int64_t r_next = next_task % bands * band_rows;
-              const int64_t o_next = next_task / bands * g.out_per_group() + o_begin;
+            const int64_t ci = group * g.in_per_group() + c;
+            for (int64_t b = first_band; b < run_end; ++b) {
+              const int64_t r0 = b * band_rows;
+              const int64_t rows_here = std::min(band_rows, g.in_height - r0);
               for (int64_t o = 0; o < o_count; ++o) {
                 for (int64_t u = 0; u < g.kernel_h; ++u) {
-                  // The rows of a band's taps are adjacent: i and i + 1 for rho and rho + 1.
-                  const int64_t i = output_row(r_next, 0, u);
-                  const int64_t i_last = output_row(r_next, band_rows - 1, u);
-                  if (i < 0 || i_last < 0) continue;
                   for (int64_t v = 0; v < g.kernel_w; ++v) {
-                    prefetch_span(w + g.weight_row(o_next + o, c_next, u, v, i),
-                                  (i_last - i + 1) * g.out_width);
+                    const int64_t tap = (o * g.kernel_h + g.kernel_h - 1 - u) * g.kernel_w +
+                                        g.kernel_w - 1 - v;
+                    for (int64_t rho = 0; rho < rows_here; ++rho) {
+                      const int64_t i = output_row(r0, rho, u);
+                      // A row the band row does not read (i < 0) is packed as zeros.
+                      pack_row(packed.data() + (tap * band_rows + rho) * lanes, w_block,
+                               w + g.weight_row(first_o + o_begin + o, c, u, v,
+                                                std::max<int64_t>(i, 0)),
+                               i >= 0 ? g.out_width : 0, g.pad_w - v * g.dilation_w, g.in_width);
+                    }
                   }
                 }
               }
+              const BandTask<T> band{
+                  packed.data(), w_block, gy_rows.data(), sample_len,
+                  x_rows.data() + (b - first_band) * o_count * offsets, x_col.data(), o_count,
+                  g.kernel_h, g.kernel_w, rows_here, g.in_width, nullptr, 0, o_begin == 0,
+                  grad_x + ((n_begin * g.in_channels + ci) * g.in_height + r0) * g.in_width,
+                  gx_sample, g.in_width};
+              accumulate_band_for_kernel(band, n_count, band_rows, g.dilation_w == 1);
             }
-            const int64_t ci = group * g.in_per_group() + c;
-            const BandTask<T> band{
-                packed.data(), w_block, gy_rows.data(), sample_len, x_rows.data(), x_col.data(),
-                o_count, g.kernel_h, g.kernel_w, rows_here, g.in_width, nullptr, 0, o_begin == 0,
-                grad_x + ((n_begin * g.in_channels + ci) * g.in_height + r0) * g.in_width,
-                gx_sample, g.in_width};
-            accumulate_band_for_kernel(band, n_count, band_rows, g.dilation_w == 1);
           }
         }
       }
