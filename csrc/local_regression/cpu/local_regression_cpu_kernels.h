@@ -358,17 +358,17 @@ void forward(Tag, const T* x, const T* w, const T* bias, T* y, const LocalGeomet
   });
 }
 
-// grad_x for stride_w == 1, in bands of input rows as the forward's bands of output rows:
+// grad_x for stride_w == 1, in runs of bands of input rows as the forward's of output rows:
 // grad_x[n, ci, r, s] gathers weight[o, c, u, v, i, j] * grad_y[n, o, i, j] over the (o, u, v)
 // whose window reads (r, s), with j = s + pad_w - v * dilation_w and i the output row that reads
 // r through kernel row u. With the kernel flipped (u' = kH - 1 - u, v' = kW - 1 - v) this is the
 // forward's sum over output channels: with unit row steps input row r0 + rho reads output row
 // i = r0 + pad_h - (kH - 1) + d through u' = d - rho (with one row, d = u'), and column s reads
 // grad_y column s - lead + v' * dilation_w, lead = (kW - 1) * dilation_w - pad_w. The grad_y rows
-// of a step of samples and output channels are padded once (zeros outside the output) and serve
-// every input channel of the group; the weights are packed per input channel, each row shifted
-// to the input columns that read it (zeros where none does). grad_x holds the partial sums
-// between steps of output channels.
+// a run's windows span, for a step of samples and output channels, are padded once (zeros outside
+// the output) and serve every input channel of the group; for each input channel the run's bands
+// go in order, as in forward, each packing its weights, each row shifted to the input columns that
+// read it (zeros where none does). grad_x holds the partial sums between steps of output channels.
 template <typename T>
 void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeometry& g) {
   const int64_t band_rows = g.stride_h == 1 && g.dilation_h == 1 ? kBandRows : 1;
