@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_regression_cases import (  # noqa: E402
-    CASES, IMPLEMENTATIONS, pass_fn, traffic_bytes, weight_elements)
+    CASES, IMPLEMENTATIONS, multiply_adds, pass_fn, traffic_bytes, weight_elements)
 from local_regression_table import copy_bandwidth, median_seconds  # noqa: E402
 
 
@@ -39,12 +39,11 @@ def main():
         sys.exit("--batches and --threads must be >= 1")
     name = names[0]
     _, channels, size, kernel, groups = CASES[name]
-    # Every weight is one multiply-add per sample.
-    multiply_adds = weight_elements(CASES[name])
-    weight_bytes = multiply_adds * 4
+    per_sample = multiply_adds((1, channels, size, kernel, groups), "forward")
+    weight_bytes = weight_elements(CASES[name]) * 4
     source = torch.ones(64 << 20)
     print(f"{name} at other batch sizes, float32 forward, torch {torch.__version__}; weights "
-          f"{weight_bytes / 1e6:.1f} MB, {multiply_adds / 1e6:.1f} M multiply-adds per sample\n")
+          f"{weight_bytes / 1e6:.1f} MB, {per_sample / 1e6:.1f} M multiply-adds per sample\n")
     print("| threads | read GB/s | copy GB/s | batch | ms | weight GB/s | G multiply-adds/s | "
           "% of copy (min traffic) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -59,7 +58,7 @@ def main():
             traffic = traffic_bytes(case, torch.float32, "forward")
             print(f"| {threads} | {read_gbs:.1f} | {copy_gbs:.1f} | {batch} | {seconds * 1e3:.3f} "
                   f"| {weight_bytes / seconds / 1e9:.1f} | "
-                  f"{batch * multiply_adds / seconds / 1e9:.1f} | "
+                  f"{batch * per_sample / seconds / 1e9:.1f} | "
                   f"{100 * traffic / seconds / 1e9 / copy_gbs:.0f}% |")
 
 

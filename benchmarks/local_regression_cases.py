@@ -70,6 +70,13 @@ def weight_elements(case):
     return channels * (channels // groups) * kernel * kernel * size * size
 
 
+def multiply_adds(case, which):
+    """Multiply-adds a pass does: one per weight and sample in the forward; the backward's input
+    gradient and weight gradient each do as many."""
+    batch = case[0]
+    return (1 if which == "forward" else 2) * batch * weight_elements(case)
+
+
 def traffic_bytes(case, dtype, which):
     """Bytes a pass must move at least. Forward: read x, weight and bias, write y. Backward: read
     grad_y, x and weight, write grad_x, grad_weight and grad_bias."""

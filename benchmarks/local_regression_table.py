@@ -1,7 +1,9 @@
 """Times the LocalRegression kernels against the pure-PyTorch references side by side in one
 process and prints a Markdown table of ratios, with the achieved bandwidth against a memory copy
 timed in the same run (before each case; the fastest of those copies) and the peak extra memory
-of each forward+backward.
+of each forward+backward. Against the machine's limits too: the roofline of a pass is the longer
+of its minimal traffic at the copy's rate and its multiply-adds at the rate of a float matrix
+product (torch.mm, timed like the copy; full precision, no TF32).
 `--batch-multiplier` scales every case's batch (on a GPU, the issue's batches of 8-16 images
 take a few microseconds, so launch overhead rather than bandwidth would be measured).
 
@@ -24,7 +26,8 @@ from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_regression_cases import (  # noqa: E402
-    CASES, IMPLEMENTATIONS, PASSES, QUICK_CASES, pass_fn, scaled_cases, traffic_bytes)
+    CASES, IMPLEMENTATIONS, PASSES, QUICK_CASES, multiply_adds, pass_fn, scaled_cases,
+    traffic_bytes)
 
 
 def median_seconds(fn, device, min_run_time):
@@ -42,6 +45,14 @@ def copy_bandwidth(device, dtype, min_run_time):
     dst = torch.empty_like(src)
     seconds = median_seconds(lambda: dst.copy_(src), device, min_run_time)
     return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def matmul_rate(device, dtype, min_run_time):
+    """Multiply-adds per second of torch.mm on two 2048 x 2048 matrices."""
+    n = 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return n ** 3 / median_seconds(lambda: torch.mm(a, b), device, min_run_time)
 
 
 def peak_memory_cuda(impl, case, dtype):
@@ -99,6 +110,9 @@ def main():
         return
     import reggan_ext
 
+    # The matrix product is the compute limit of exact float32 arithmetic, not of TF32's.
+    torch.set_float32_matmul_precision("highest")
+
     if args.device == "cuda" and not (torch.cuda.is_available() and reggan_ext.cuda_built()):
         sys.exit("--device cuda needs a GPU and a CUDA build of reggan_ext")
     dtype = getattr(torch, args.dtype)
@@ -108,10 +122,11 @@ def main():
     min_run_time = 0.05 if args.quick else 0.5
     # A copy is timed before each case, and the fastest stands for the machine: on a shared
     # machine one copy may land in a slow spell and flatter every ratio against it.
-    copies = []
+    copies, matmuls = [], []
     rows = []
     for case_name, case in cases.items():
         copies.append(copy_bandwidth(args.device, dtype, min_run_time))
+        matmuls.append(matmul_rate(args.device, dtype, min_run_time))
         times = {(impl, which): median_seconds(pass_fn(fn, case, args.device, dtype, which),
                                                args.device, min_run_time)
                  for impl, fn in IMPLEMENTATIONS.items() for which in PASSES}
@@ -122,14 +137,21 @@ def main():
                for which in ("forward", "backward")}
         rows.append(dict(case=case_name, times_ms={f"{i} {w}": t * 1e3 for (i, w), t in times.items()},
                          forward_gbs=gbs["forward"], backward_gbs=gbs["backward"],
+                         multiply_adds={w: multiply_adds(case, w) for w in ("forward", "backward")},
+                         traffic_bytes={w: traffic_bytes(case, dtype, w)
+                                        for w in ("forward", "backward")},
                          peak_mib={i: p / 2**20 for i, p in peak.items()}))
     copy_gbs = max(copies)
+    matmul_gmacs = max(matmuls) / 1e9
     for row in rows:
         row["copy_gbs"] = copy_gbs
+        row["matmul_gmacs"] = matmul_gmacs
 
     print(f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, torch "
-          f"{torch.__version__}; memory copy {copy_gbs:.1f} GB/s (the fastest of {len(copies)} "
-          f"timed through the run; the slowest {min(copies):.1f} GB/s)\n")
+          f"{torch.__version__}; memory copy {copy_gbs:.1f} GB/s and torch.mm "
+          f"{matmul_gmacs:.1f} G multiply-adds/s (the fastest of {len(copies)} of each timed "
+          f"through the run; the slowest {min(copies):.1f} GB/s and "
+          f"{min(matmuls) / 1e9:.1f} G/s)\n")
     print("| case | pass | kernel ms | shifted ms | unfold ms | vs shifted | vs unfold |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -147,10 +169,24 @@ def main():
               f"{100 * row['forward_gbs'] / row['copy_gbs']:.0f}% | {row['backward_gbs']:.1f} | "
               f"{100 * row['backward_gbs'] / row['copy_gbs']:.0f}% | "
               f"{p['kernel']:.1f} / {p['shifted']:.1f} / {p['unfold']:.1f} |")
+    print("\n| case | pass | G multiply-adds/s | % of torch.mm | roofline ms | bound | "
+          "% of roofline |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: |")
+    for row in rows:
+        for which in ("forward", "backward"):
+            seconds = row["times_ms"][f"kernel {which}"] / 1e3
+            rate = row["multiply_adds"][which] / seconds / 1e9
+            memory = row["traffic_bytes"][which] / row["copy_gbs"] / 1e9
+            compute = row["multiply_adds"][which] / row["matmul_gmacs"] / 1e9
+            print(f"| {row['case']} | {which} | {rate:.1f} | "
+                  f"{100 * rate / row['matmul_gmacs']:.0f}% | {max(memory, compute) * 1e3:.3f} | "
+                  f"{'memory' if memory >= compute else 'multiply-adds'} | "
+                  f"{100 * max(memory, compute) / seconds:.0f}% |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=args.device, dtype=args.dtype, torch=torch.__version__,
-                           copies_gbs=copies, rows=rows), f, indent=1)
+                           copies_gbs=copies, matmul_gmacs=[m / 1e9 for m in matmuls],
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """LocalRegression op and module against the unfold reference: values, gradients, geometry sweep,
 opcheck, torch.compile, bad inputs and the module's nn.Conv2d conventions."""
 
+import json
 import math
 import os
 import random
@@ -563,6 +564,27 @@ def test_table_measures_peak_memory_below_a_large_parent():
     del ballast
     # At least the output and the three gradients (3 + 3 + 1.7 + 0.2 MiB) are new.
     assert int(out) > 7 * 2**20
+
+
+def test_table_reports_each_pass_against_its_roofline(tmp_path, monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    from local_regression_cases import QUICK_CASES, make_inputs
+
+    report = tmp_path / "table.json"
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "local_regression_table.py"), "--quick",
+         "--json", str(report)], check=True, capture_output=True, text=True).stdout
+    (name, case), = QUICK_CASES.items()
+    x, w, _ = make_inputs(case, "cpu", torch.float32)
+    row, = json.loads(report.read_text())["rows"]
+    # A multiply-add per weight and sample; the backward's two gradients do as many each.
+    assert row["multiply_adds"] == {"forward": x.shape[0] * w.numel(),
+                                    "backward": 2 * x.shape[0] * w.numel()}
+    assert row["matmul_gmacs"] > 0
+    bounds = [line.split("|")[6].strip() for line in out.splitlines()
+              if line.startswith(f"| {name} | ")]
+    assert bounds.count("memory") + bounds.count("multiply-adds") == 2  # forward and backward
 
 
 def test_table_times_with_the_threads_it_reports(monkeypatch):
