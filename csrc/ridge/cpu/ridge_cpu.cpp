@@ -40,6 +40,9 @@ constexpr int64_t kAccumulatorBytes = 512 << 10;
 constexpr int64_t kBandRows = 4;
 // How many statistics entries ahead the accumulation prefetches those it adds to.
 constexpr size_t kPrefetchEntries = 4;
+// How many entries of a packed Gram ahead the solver prefetches as it loads a task's systems. A
+// burst of the next task's entries, issued before each task computed, took 10%-20% longer.
+constexpr int64_t kSolvePrefetchEntries = 32;
 // How many samples ahead the accumulation prefetches the inputs it reads.
 constexpr int64_t kPrefetchSamples = 4;
 

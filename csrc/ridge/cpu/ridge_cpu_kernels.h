@@ -626,18 +626,15 @@ void for_each_factor(const acc_t* gram, const acc_t* lam, int32_t* info, int64_t
       const int64_t group = task / vectors;
       const int64_t p0 = task % vectors * W;
       const int64_t lanes = std::min(W, pixels - p0);
+      // The entries lie a plane apart: each load prefetches the one kSolvePrefetchEntries on.
+      const acc_t* system = gram + group * packed * pixels + p0;
       for (int64_t k = 0; k < packed; ++k) {
-        a[k] = L::load(gram + (group * packed + k) * pixels + p0, lanes);
-      }
-      if (task + 1 < end) {
-        // The next task's systems, a row of the triangle apart each, while this one computes.
-        const int64_t next_p0 = (task + 1) % vectors * W;
-        const int64_t next = (task + 1) / vectors * packed * pixels + next_p0;
-        for (int64_t k = 0; k < packed; ++k) {
-          for (int64_t l = 0; l < std::min(W, pixels - next_p0); l += Lanes<acc_t>::kWidth) {
-            __builtin_prefetch(gram + next + k * pixels + l);
+        if (k + kSolvePrefetchEntries < packed) {
+          for (int64_t l = 0; l < lanes; l += Lanes<acc_t>::kWidth) {
+            __builtin_prefetch(system + (k + kSolvePrefetchEntries) * pixels + l);
           }
         }
+        a[k] = L::load(system + k * pixels, lanes);
       }
       const V shift = L::load(lam + group * pixels + p0, lanes);
       typename L::flag failed{};  // zeros
