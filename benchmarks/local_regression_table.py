@@ -133,13 +133,12 @@ def main():
         peak = {impl: (peak_memory_cuda(impl, case, dtype) if args.device == "cuda"
                        else peak_memory_cpu(impl, case_name, args.dtype, args.batch_multiplier))
                 for impl in IMPLEMENTATIONS}
-        gbs = {which: traffic_bytes(case, dtype, which) / times["kernel", which] / 1e9
-               for which in ("forward", "backward")}
+        traffic = {w: traffic_bytes(case, dtype, w) for w in ("forward", "backward")}
+        gbs = {w: traffic[w] / times["kernel", w] / 1e9 for w in traffic}
         rows.append(dict(case=case_name, times_ms={f"{i} {w}": t * 1e3 for (i, w), t in times.items()},
                          forward_gbs=gbs["forward"], backward_gbs=gbs["backward"],
-                         multiply_adds={w: multiply_adds(case, w) for w in ("forward", "backward")},
-                         traffic_bytes={w: traffic_bytes(case, dtype, w)
-                                        for w in ("forward", "backward")},
+                         multiply_adds={w: multiply_adds(case, w) for w in traffic},
+                         traffic_bytes=traffic,
                          peak_mib={i: p / 2**20 for i, p in peak.items()}))
     copy_gbs = max(copies)
     matmul_gmacs = max(matmuls) / 1e9
