@@ -164,11 +164,11 @@ def test_statistics_match_numpy_and_reference(geometry, device):
 
 @pytest.mark.parametrize("geometry, samples", [
     (dict(cin=8, cout=3, groups=1, k=5, padding=2, size=(4, 37)), 5),
-    (dict(cin=1, cout=1, k=7, padding=3, size=(3, 75)), 5),
+    (dict(cin=1, cout=1, k=7, padding=3, size=(3, 430)), 5),
     (dict(cin=3, cout=3, groups=3, k=3, padding="same", size=(10, 37)), 70),
     (dict(cin=2, cout=4, groups=2, k=5, padding=2, stride=(2, 1), size=(11, 21)), 70),
     (dict(cin=2, cout=2, groups=2, k=(3, 2), dilation=(2, 3), padding=(2, 1), size=(9, 19)), 70),
-    (dict(cin=1, cout=3, k=7, padding=3, size=(6, 70)), 70),
+    (dict(cin=1, cout=3, k=7, padding=3, size=(6, 300)), 70),
     (dict(cin=4, cout=2, groups=2, k=3, padding=1, size=(7, 18)), 70)],
     ids=["201-unknowns", "50-unknowns", "per-channel-k3", "per-channel-k5-strided",
          "per-channel-dilated", "one-input-three-outputs-k7", "two-inputs-per-group"])

@@ -205,15 +205,17 @@ class RunLayout {
   int64_t in_runs_, first_shift_;
 };
 
-// An output row's vectors of W pixels, split into segments whose accumulators (`vector_bytes`
-// for each vector) fit in about kAccumulatorBytes: an accumulation task owns one segment of a
+// An output row's vectors of W pixels, split into as few segments as keep the accumulators
+// (`vector_bytes` for each vector) within about kAccumulatorBytes, of equal sizes (a short last
+// segment would read its inputs for few pixels): an accumulation task owns one segment of a
 // row or band of rows.
 template <int64_t W>
 struct RowSegments {
   RowSegments(int64_t out_width, int64_t vector_bytes) : out_width(out_width) {
     const int64_t row_vectors = (out_width + W - 1) / W;
-    segment = std::clamp<int64_t>(kAccumulatorBytes / vector_bytes, 1, row_vectors);
-    count = (row_vectors + segment - 1) / segment;
+    const int64_t most = std::clamp<int64_t>(kAccumulatorBytes / vector_bytes, 1, row_vectors);
+    count = (row_vectors + most - 1) / most;
+    segment = (row_vectors + count - 1) / count;
   }
 
   // Values of a scratch run: a segment's pixels and `span` more, in whole vectors.
@@ -488,33 +490,42 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
       }
     }
   }
-  // The products are summed in blocks of an outer product: kBlockRows first runs (rows, in
-  // order) by up to kBlockCols of the (second run, distance) pairs (columns, in order) that
-  // products of these rows have. Product (r, q) of block k is accumulator
-  // (k * kBlockRows + r) * kBlockCols + q; a block's other products are summed and not read.
-  std::map<int64_t, int64_t> first_of;
-  for (const auto& [key, unused] : product_of) first_of[std::get<0>(key)] = 0;
-  std::vector<int64_t> first_runs;
-  for (auto& [run, index] : first_of) {
-    index = int64_t(first_runs.size());
-    first_runs.push_back(run);
-  }
-  const int64_t row_blocks = (int64_t(first_runs.size()) + kBlockRows - 1) / kBlockRows;
-  std::vector<std::map<std::pair<int64_t, int64_t>, int64_t>> column_of(row_blocks);
+  // The products are summed in blocks of an outer product: kBlockRows second factors (a run
+  // and a distance; rows) by up to kBlockCols of the first runs (columns, in order) that
+  // products of these rows have. The second factors are read at a shift, across cache lines:
+  // as rows, each is loaded once for a block's kBlockCols products. Rows are ordered by the set
+  // of first runs they pair with, so that a block's rows mostly share their columns (at k = 3,
+  // 2 x 8 blocks sum 132 products for 114, against 143 with first runs as rows). Product (r, q)
+  // of block k is accumulator (k * kBlockRows + r) * kBlockCols + q; a block's other products
+  // are summed and not read.
+  using Factor = std::pair<int64_t, int64_t>;  // (second run, distance)
+  std::map<Factor, std::set<int64_t>> firsts_of;
   for (const auto& [key, unused] : product_of) {
     const auto [first_run, second_run, distance] = key;
-    column_of[first_of[first_run] / kBlockRows][{second_run, distance}] = 0;
+    firsts_of[{second_run, distance}].insert(first_run);
+  }
+  std::vector<Factor> row_factors;
+  for (const auto& [factor, unused] : firsts_of) row_factors.push_back(factor);
+  std::stable_sort(row_factors.begin(), row_factors.end(),
+                   [&](const Factor& a, const Factor& b) { return firsts_of[a] < firsts_of[b]; });
+  std::map<Factor, int64_t> row_of;
+  for (size_t r = 0; r < row_factors.size(); ++r) row_of[row_factors[r]] = int64_t(r);
+  const int64_t row_blocks = (int64_t(row_factors.size()) + kBlockRows - 1) / kBlockRows;
+  std::vector<std::map<int64_t, int64_t>> column_of(row_blocks);  // first run -> its column
+  for (const auto& [key, unused] : product_of) {
+    const auto [first_run, second_run, distance] = key;
+    column_of[row_of[{second_run, distance}] / kBlockRows][first_run] = 0;
   }
   struct Block {
     int64_t row_block, rows, columns_begin, cols;
   };
   std::vector<Block> blocks;
-  std::vector<std::pair<int64_t, int64_t>> columns;  // block by block
+  std::vector<int64_t> columns;  // first runs, block by block
   std::vector<int64_t> block_start(row_blocks);
   for (int64_t rb = 0; rb < row_blocks; ++rb) {
     block_start[rb] = int64_t(blocks.size());
     const int64_t block_rows =
-        std::min<int64_t>(kBlockRows, int64_t(first_runs.size()) - rb * kBlockRows);
+        std::min<int64_t>(kBlockRows, int64_t(row_factors.size()) - rb * kBlockRows);
     int64_t q = 0;
     for (auto& [column, index] : column_of[rb]) {
       index = q++;
@@ -527,7 +538,7 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   }
   for (auto& [key, product] : product_of) {
     const auto [first_run, second_run, distance] = key;
-    const int64_t r = first_of[first_run], q = column_of[r / kBlockRows][{second_run, distance}];
+    const int64_t r = row_of[{second_run, distance}], q = column_of[r / kBlockRows][first_run];
     const int64_t k = block_start[r / kBlockRows] + q / kBlockCols;
     product = (k * kBlockRows + r % kBlockRows) * kBlockCols + q % kBlockCols;
   }
@@ -544,11 +555,11 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   // A run of the second factor is read up to `span` values past its end, into the runs after
   // it (never past the ones run, which is last and read without a shift): those values only
   // reach accumulator lanes that no entry reads.
-  std::vector<int64_t> first_offsets(first_runs.size()), second_offsets(columns.size());
-  for (size_t r = 0; r < first_runs.size(); ++r) first_offsets[r] = first_runs[r] * width;
-  for (size_t q = 0; q < columns.size(); ++q) {
-    second_offsets[q] = columns[q].first * width + columns[q].second;
+  std::vector<int64_t> row_offsets(row_factors.size()), column_offsets(columns.size());
+  for (size_t r = 0; r < row_factors.size(); ++r) {
+    row_offsets[r] = row_factors[r].first * width + row_factors[r].second;
   }
+  for (size_t q = 0; q < columns.size(); ++q) column_offsets[q] = columns[q] * width;
   // Where the values of entry e of the band's row b start in the accumulators.
   std::vector<int64_t> entry_values(entry_key.size());
   for (size_t e = 0; e < entry_key.size(); ++e) {
@@ -577,8 +588,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
           for (size_t k = 0; k < blocks.size(); ++k) {
             const Block& block = blocks[k];
             sized_product_block(block.rows, block.cols, scratch + m * W,
-                                first_offsets.data() + block.row_block * kBlockRows,
-                                second_offsets.data() + block.columns_begin, sample_values,
+                                row_offsets.data() + block.row_block * kBlockRows,
+                                column_offsets.data() + block.columns_begin, sample_values,
                                 count,
                                 acc.data() + k * kBlockRows * kBlockCols * product_vectors + m,
                                 product_vectors);
