@@ -465,15 +465,19 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   // The products, (first run, second run, distance): the first run is read from shift 0, the
   // second from the distance on; the ones run is constant, so its products need no shift. For
   // entry e of the band's row b: its product, entry_key[b * entries + e], and the shift it is
-  // read at, entry_shift[e].
+  // read at, entry_shift[e]. The entries of two different outputs are no statistic: they have
+  // no product (kNoProduct).
   using Key = std::tuple<int64_t, int64_t, int64_t>;
+  const Key kNoProduct{-1, -1, -1};
+  const int64_t d = rg.unknowns();
   std::map<Key, int64_t> product_of;
-  std::vector<Key> entry_key(band * entries);
+  std::vector<Key> entry_key(band * entries, kNoProduct);
   std::vector<int64_t> entry_shift(entries);
   int64_t max_entry_shift = 0;
   for (int64_t b = 0; b < band; ++b) {
     for (int64_t col = 0; col < rows; ++col) {
       for (int64_t row = 0; row <= col; ++row) {
+        if (row >= d && row != col) continue;
         int64_t ra = layout.run(b, row), rb = layout.run(b, col);
         int64_t sa = layout.shift(row), sb = layout.shift(col);
         if (ra == ones_run) sa = sb;
@@ -563,7 +567,9 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   // Where the values of entry e of the band's row b start in the accumulators.
   std::vector<int64_t> entry_values(entry_key.size());
   for (size_t e = 0; e < entry_key.size(); ++e) {
-    entry_values[e] = product_of[entry_key[e]] * product_vectors * W + entry_shift[e % entries];
+    if (entry_key[e] != kNoProduct) {
+      entry_values[e] = product_of[entry_key[e]] * product_vectors * W + entry_shift[e % entries];
+    }
   }
   const int64_t work = g.batch * count_products * W * segments.segment;
   at::parallel_for(0, g.groups * bands * segments.count,
