@@ -374,8 +374,10 @@ void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeG
 //    shift_a are one product of two runs, read at different k. Per channel, 4 rows at k = 3
 //    need 114 products for their 264 entries; at k = 7, 792 for 5304.
 // The products serve layers with one input channel per group (RegGAN's per-channel layer;
-// benchmarks/ridge_table.py: the float64 accumulation 1.5x faster at k = 3, 4.6x at k = 7);
-// with more, their accumulators outgrow the caches and the Gram's tiles were faster.
+// benchmarks/ridge_table.py: the float64 accumulation 1.5x faster at k = 3, 4.6x at k = 7).
+// With more, and with many outputs per group, a sample has more runs, so a pass takes fewer
+// samples, and fewer entries share a product: the Gram's tiles were as fast or faster for most
+// such layers tried, though not for two inputs and two outputs per group.
 template <typename in_t, typename acc_t>
 void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                      const RidgeGeometry& rg) {
