@@ -109,11 +109,14 @@ REGGAN_RIDGE_HD typename Lanes::value dot(const typename Lanes::value* x,
 // A pivot d_j <= n * eps * max diag(A + lam * P), or not a number, means the leading minor of
 // order j + 1 is not (numerically) positive definite: info gets the first such j + 1 (0 when all
 // pass) and the pivot is replaced by 1 so that the remaining lanes and steps stay finite.
-// Row by row: row j reads the finished rows above it and is written once.
-template <class Lanes>
+// Row by row: row j reads the finished rows above it and is written once. kRows rows at a time
+// share each read of a finished row above them (the CPU's systems, in L2, are bound by its
+// bandwidth); each sums in the order a row alone does, so the factor is the same.
+template <class Lanes, int kRows = 1>
 REGGAN_RIDGE_HD void ldlt_factor(typename Lanes::value* a, int64_t n, int64_t stride,
                                  const typename Lanes::value& lam, bool penalize_last,
                                  double eps, typename Lanes::flag& info) {
+  static_assert(kRows == 1 || Lanes::kChains == 1, "rows together sum in one chain each");
   using V = typename Lanes::value;
   V largest = Lanes::splat(0);
   for (int64_t j = 0; j < n; ++j) {
@@ -122,23 +125,43 @@ REGGAN_RIDGE_HD void ldlt_factor(typename Lanes::value* a, int64_t n, int64_t st
     largest = Lanes::max(largest, d);
   }
   const V tol = largest * Lanes::splat(eps * double(n));
-  for (int64_t j = 0; j < n; ++j) {
-    V* row = a + packed_index(j, 0) * stride;
-    // v_k = L[j][k] d_k = A[j][k] - sum_{m<k} L[k][m] v_m, kept in row j for now.
-    for (int64_t k = 0; k < j; ++k) {
-      row[k * stride] -= dot<Lanes>(a + packed_index(k, 0) * stride, row, k, stride);
+  for (int64_t j0 = 0; j0 < n; j0 += kRows) {
+    // v_k = L[j][k] d_k = A[j][k] - sum_{m<k} L[k][m] v_m, kept in row j for now: for the k
+    // of the rows above the step, the step's rows together, ...
+    bool together = false;
+    if constexpr (kRows > 1) together = j0 + kRows <= n;
+    if (together) {
+      V* rows[kRows];
+      for (int r = 0; r < kRows; ++r) rows[r] = a + packed_index(j0 + r, 0) * stride;
+      for (int64_t k = 0; k < j0; ++k) {
+        const V* finished = a + packed_index(k, 0) * stride;
+        V part[kRows];
+        for (int r = 0; r < kRows; ++r) part[r] = Lanes::splat(0);
+        for (int64_t m = 0; m < k; ++m) {
+          const V l = finished[m * stride];
+          for (int r = 0; r < kRows; ++r) part[r] += l * rows[r][m * stride];
+        }
+        for (int r = 0; r < kRows; ++r) rows[r][k * stride] -= part[r];
+      }
     }
-    // d_j = A[j][j] - sum_k v_k^2 / d_k, and v_k becomes L[j][k].
-    for (int64_t k = 0; k < j; ++k) {
-      V& v = row[k * stride];
-      const V l = v * a[packed_index(k, k) * stride];
-      row[j * stride] -= l * v;
-      v = l;
+    for (int64_t j = j0; j < j0 + kRows && j < n; ++j) {
+      V* row = a + packed_index(j, 0) * stride;
+      // ... then, row by row, for the k within the step.
+      for (int64_t k = together ? j0 : 0; k < j; ++k) {
+        row[k * stride] -= dot<Lanes>(a + packed_index(k, 0) * stride, row, k, stride);
+      }
+      // d_j = A[j][j] - sum_k v_k^2 / d_k, and v_k becomes L[j][k].
+      for (int64_t k = 0; k < j; ++k) {
+        V& v = row[k * stride];
+        const V l = v * a[packed_index(k, k) * stride];
+        row[j * stride] -= l * v;
+        v = l;
+      }
+      const V d = row[j * stride];
+      const typename Lanes::mask bad = Lanes::not_above(d, tol);
+      Lanes::mark(info, bad, int32_t(j + 1));
+      row[j * stride] = Lanes::splat(1) / Lanes::select(bad, Lanes::splat(1), d);
     }
-    const V d = row[j * stride];
-    const typename Lanes::mask bad = Lanes::not_above(d, tol);
-    Lanes::mark(info, bad, int32_t(j + 1));
-    row[j * stride] = Lanes::splat(1) / Lanes::select(bad, Lanes::splat(1), d);
   }
 }
 
