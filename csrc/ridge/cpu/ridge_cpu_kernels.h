@@ -512,8 +512,9 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   }
   std::vector<Factor> row_factors;
   for (const auto& [factor, unused] : firsts_of) row_factors.push_back(factor);
-  std::stable_sort(row_factors.begin(), row_factors.end(),
-                   [&](const Factor& a, const Factor& b) { return firsts_of[a] < firsts_of[b]; });
+  std::stable_sort(row_factors.begin(), row_factors.end(), [&](const Factor& a, const Factor& b) {
+    return firsts_of.at(a) < firsts_of.at(b);
+  });
   std::map<Factor, int64_t> row_of;
   for (size_t r = 0; r < row_factors.size(); ++r) row_of[row_factors[r]] = int64_t(r);
   const int64_t row_blocks = (int64_t(row_factors.size()) + kBlockRows - 1) / kBlockRows;
