@@ -659,7 +659,7 @@ void for_each_factor(const acc_t* gram, const acc_t* lam, int32_t* info, int64_t
       const V shift = L::load(lam + group * pixels + p0, lanes);
       typename L::flag failed{};  // zeros
       ldlt_factor<L, kFactorRows>(a.data(), d, 1, shift, penalize_last,
-                     std::numeric_limits<acc_t>::epsilon(), failed);
+                                  std::numeric_limits<acc_t>::epsilon(), failed);
       after(group, p0, lanes, a.data(), scratch.data());
       for (int64_t l = 0; l < lanes; ++l) info[group * pixels + p0 + l] = L::lane(failed, l);
     }
