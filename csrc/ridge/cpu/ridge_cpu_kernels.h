@@ -76,17 +76,16 @@ inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_ro
   }
 }
 
-// acc[(r * kBlockCols + q) * acc_stride] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
+// acc[r * kBlockCols + q] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
 // (vectors of kWidth values) for n < samples, r < kRows, q < kCols: a block of products held in
 // registers across the samples, each vector loaded once for the products of its row or column.
 template <int kRows, int kCols, typename T, typename V>
 REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_t* b,
-                                     int64_t stride, int64_t samples, V* acc,
-                                     int64_t acc_stride) {
+                                     int64_t stride, int64_t samples, V* acc) {
   using L = Lanes<T>;
   V c[kRows][kCols];
   for (int r = 0; r < kRows; ++r) {
-    for (int q = 0; q < kCols; ++q) c[r][q] = acc[(r * kBlockCols + q) * acc_stride];
+    for (int q = 0; q < kCols; ++q) c[r][q] = acc[r * kBlockCols + q];
   }
   for (int64_t n = 0; n < samples; ++n) {
     const T* sample = at + n * stride;
@@ -99,28 +98,25 @@ REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    for (int q = 0; q < kCols; ++q) acc[(r * kBlockCols + q) * acc_stride] = c[r][q];
+    for (int q = 0; q < kCols; ++q) acc[r * kBlockCols + q] = c[r][q];
   }
 }
 
 // product_block for 1 <= rows <= kBlockRows and 1 <= cols <= kBlockCols known at run time.
 template <int kRows = kBlockRows, int kCols = kBlockCols, typename T, typename V>
 void sized_product_block(int64_t rows, int64_t cols, const T* at, const int64_t* a,
-                         const int64_t* b, int64_t stride, int64_t samples, V* acc,
-                         int64_t acc_stride) {
+                         const int64_t* b, int64_t stride, int64_t samples, V* acc) {
   if constexpr (kRows > 1) {
     if (rows < kRows) {
-      return sized_product_block<kRows - 1, kCols>(rows, cols, at, a, b, stride, samples, acc,
-                                                   acc_stride);
+      return sized_product_block<kRows - 1, kCols>(rows, cols, at, a, b, stride, samples, acc);
     }
   }
   if constexpr (kCols > 1) {
     if (cols < kCols) {
-      return sized_product_block<kRows, kCols - 1>(rows, cols, at, a, b, stride, samples, acc,
-                                                   acc_stride);
+      return sized_product_block<kRows, kCols - 1>(rows, cols, at, a, b, stride, samples, acc);
     }
   }
-  product_block<kRows, kCols>(at, a, b, stride, samples, acc, acc_stride);
+  product_block<kRows, kCols>(at, a, b, stride, samples, acc);
 }
 
 // Writes the `width` values of sample n that `run` reads to dst, converted.
@@ -502,8 +498,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   // as rows, each is loaded once for a block's kBlockCols products. Rows are ordered by the set
   // of first runs they pair with, so that a block's rows mostly share their columns (at k = 3,
   // 2 x 8 blocks sum 132 products for 114, against 143 with first runs as rows). Product (r, q)
-  // of block k is accumulator (k * kBlockRows + r) * kBlockCols + q; a block's other products
-  // are summed and not read.
+  // of block k is accumulator (k * kBlockRows + r) * kBlockCols + q of a vector of pixels; a
+  // block's other products are summed and not read.
   using Factor = std::pair<int64_t, int64_t>;  // (second run, distance)
   std::map<Factor, std::set<int64_t>> firsts_of;
   for (const auto& [key, unused] : product_of) {
@@ -578,7 +574,11 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   at::parallel_for(0, g.groups * bands * segments.count,
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
-    VectorBuffer<V> acc(count_products * product_vectors);
+    // The accumulators, vector by vector of pixels: the blocks of a vector load and store
+    // theirs from one stretch of memory, not a vector's stride apart. At the end of a task they
+    // are regrouped product by product in `sums`, where an entry's values lie in a row, whatever
+    // its shift.
+    VectorBuffer<V> acc(product_vectors * count_products), sums(count_products * product_vectors);
     TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, layout.ones_run());
     const acc_t* scratch = task_runs.scratch();
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
@@ -600,16 +600,20 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
                                 row_offsets.data() + block.row_block * kBlockRows,
                                 column_offsets.data() + block.columns_begin, sample_values,
                                 count,
-                                acc.data() + k * kBlockRows * kBlockCols * product_vectors + m,
-                                product_vectors);
+                                acc.data() + m * count_products + k * kBlockRows * kBlockCols);
           }
         }
       }
-      const acc_t* sums = reinterpret_cast<const acc_t*>(acc.data());
+      for (int64_t product = 0; product < count_products; ++product) {
+        for (int64_t m = 0; m < task_vectors; ++m) {
+          sums[product * product_vectors + m] = acc[m * count_products + product];
+        }
+      }
+      const acc_t* sum_values = reinterpret_cast<const acc_t*>(sums.data());
       add_to_statistics(
           gram, cross, target_sq, rg, group, i0, std::min(band, g.out_height - i0),
           segments.first(segment), lanes, W,
-          [&](int64_t b, int64_t entry) { return sums + entry_values[b * entries + entry]; },
+          [&](int64_t b, int64_t entry) { return sum_values + entry_values[b * entries + entry]; },
           destinations);
     }
   });
