@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #include "common/cpu_isa.h"
 #include "common/cpu_lanes.h"
 #include "ridge/ridge.h"
@@ -31,23 +33,33 @@ namespace {
 
 // Tasks of at least this many multiply-adds amortize at::parallel_for's scheduling.
 constexpr int64_t kMinTaskWork = 1 << 16;
+// The size of a data cache of one core, as the C library reads it off the CPU, or `fallback`
+// where it cannot (other systems, or 0 and -1 for unknown).
+int64_t data_cache_bytes([[maybe_unused]] int level, int64_t fallback) {
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  const long bytes = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+  if (bytes > 0) return bytes;
+#endif
+  return fallback;
+}
+
 // Samples per pass of the accumulation are chosen so that what a vector of pixels reads of them
-// fits in about this much of L1.
-constexpr int64_t kScratchBytes = 32 << 10;
-// The accumulators of the vectors of pixels a task owns fit in about this much of L2 (2 MiB a
-// core where it was tuned). Those of a 128-pixel row of the k = 7 per-channel float64 layer take
-// 1.03 MiB: split in two (at 1 MiB) it took 5%-10% longer, in three (at 512 KiB) 15%-20%.
-constexpr int64_t kAccumulatorBytes = 1536 << 10;
+// fits in about this much of L1: two thirds of it, as tuned on a 48 KiB L1.
+const int64_t kScratchBytes = data_cache_bytes(1, 48 << 10) * 2 / 3;
+// The accumulators of the vectors of pixels a task owns fit in about this much of L2: three
+// quarters of it, as tuned on a 2 MiB L2, where those of a 128-pixel row of the k = 7
+// per-channel float64 layer (1.03 MiB) were fastest whole, then split in two, then in three.
+const int64_t kAccumulatorBytes = data_cache_bytes(2, 2 << 20) * 3 / 4;
 // Output rows per task of the accumulation: the entries of neighbouring rows share products
 // and input rows.
 constexpr int64_t kBandRows = 4;
 // How many statistics entries ahead the accumulation prefetches those it adds to.
 constexpr size_t kPrefetchEntries = 4;
 // How many entries of a packed Gram ahead the solver prefetches as it loads a task's systems. A
-// burst of the next task's entries, issued before each task computed, took 10%-20% longer.
+// burst of the next task's entries, issued before each task computed, was slower.
 constexpr int64_t kSolvePrefetchEntries = 32;
 // Rows of a system the solver factors together (ldlt_factor): each read of a finished row,
-// from L2, serves four. The k = 7 solve took 10%-20% longer with 1, and with 2 or 8 in between.
+// from L2, serves four. The k = 7 solve was slower with 1, 2 or 8.
 constexpr int kFactorRows = 4;
 // How many samples ahead the accumulation prefetches the inputs it reads.
 constexpr int64_t kPrefetchSamples = 4;
