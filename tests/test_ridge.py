@@ -178,8 +178,9 @@ def test_statistics_over_segments_bands_and_passes(geometry, samples, dtype, dev
     """Where the CPU kernel splits its work: design rows long enough and output rows wide
     enough that a row is split into segments of one or several vectors of pixels, the last one
     partial (on CPUs with up to 2 MiB of L2, whose size sets the segments); output heights that
-    its bands of rows do not divide; more samples than one pass takes. With one input channel per group it sums products that the entries of neighbouring
-    rows and columns share, with more the Gram's entries."""
+    its bands of rows do not divide; more samples than one pass takes. With one input channel
+    per group it sums products that the entries of neighbouring rows and columns share, with
+    more the Gram's entries."""
     layer = make_layer(device=device, **geometry)
     x, y = make_data(layer, samples, device=device)
     stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
