@@ -2,7 +2,7 @@
 // register the ops with the dispatcher. Built against the stable ABI (Py_LIMITED_API).
 #include <Python.h>
 
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
