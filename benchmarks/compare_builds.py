@@ -1,7 +1,8 @@
-"""Times the LocalRegression benchmark cases under two builds of reggan_ext, in subprocesses that
-alternate between the builds round by round, so that both see the same drift of a shared, noisy
-machine. A build is a source tree whose reggan_ext/_C has been built in place
-(`python setup.py build_ext --inplace`), e.g. a `git worktree` of the commit to compare with.
+"""Times the LocalRegression benchmark cases, or with `--pass ridge-update` RidgeFitter.update on
+the ridge cases below, under two builds of reggan_ext, in subprocesses that alternate between
+the builds round by round, so that both see the same drift of a shared, noisy machine. A build
+is a source tree whose reggan_ext/_C has been built in place (`python setup.py build_ext
+--inplace`), e.g. a `git worktree` of the commit to compare with.
 
     python benchmarks/compare_builds.py BASELINE_TREE [CANDIDATE_TREE] [--pass forward+backward]
                                         [--rounds 4] [--seconds 1.5] [--case SUBSTRING ...]
@@ -21,10 +22,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from local_regression_cases import CASES, IMPLEMENTATIONS, PASSES, pass_fn  # noqa: E402
 
+RIDGE_PASS = "ridge-update"
+# name -> (batch, in_channels, out_channels, groups, size, kernel): float32 data, float64
+# statistics, padding 'same'.
+RIDGE_CASES = {
+    "N256 3->3 per-channel 128x128 k3": (256, 3, 3, 3, 128, 3),
+    "N128 3->3 groups=1 128x128 k3": (128, 3, 3, 1, 128, 3),
+    "N128 3->3 groups=1 128x128 k5": (128, 3, 3, 1, 128, 5),
+    "N128 3->3 groups=1 128x128 k7": (128, 3, 3, 1, 128, 7),
+    "N128 4->4 groups=2 128x128 k5": (128, 4, 4, 2, 128, 5),
+    "N128 6->6 groups=1 64x64 k5": (128, 6, 6, 1, 64, 5),
+    "N128 8->8 groups=1 64x64 k3": (128, 8, 8, 1, 64, 3),
+    "N8 3->3 groups=1 64x64 k5": (8, 3, 3, 1, 64, 5),
+}
+
+
+def ridge_update_fn(case):
+    from reggan_ext import LocalRegression, RidgeFitter
+    batch, in_channels, out_channels, groups, size, kernel = case
+    generator = torch.Generator().manual_seed(0)
+    layer = LocalRegression(in_channels, out_channels, kernel, (size, size), groups=groups,
+                            padding="same")
+    x = torch.rand(batch, in_channels, size, size, generator=generator)
+    y = torch.rand(batch, out_channels, size, size, generator=generator)
+    fitter = RidgeFitter(layer)
+    return lambda: fitter.update(x, y)
+
 
 def time_in_this_process(case_name, which, seconds):
     """Child: the mean seconds of one pass over repetitions filling `seconds`."""
-    fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
+    if which == RIDGE_PASS:
+        fn = ridge_update_fn(RIDGE_CASES[case_name])
+    else:
+        fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
     fn()
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -39,7 +69,7 @@ def main():
     parser.add_argument("candidate", nargs="?", default=os.path.dirname(HERE),
                         help="source tree of the candidate build (default: this one)")
     parser.add_argument("--pass", dest="which", default="forward+backward",
-                        choices=PASSES)
+                        choices=PASSES + (RIDGE_PASS,))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=1.5, help="timed per run")
     parser.add_argument("--case", nargs="*", default=[],
@@ -54,9 +84,10 @@ def main():
     for tree in builds.values():
         if not os.path.isdir(os.path.join(tree, "reggan_ext")):
             sys.exit(f"{tree} holds no reggan_ext package")
-    cases = [name for name in CASES if not args.case or any(s in name for s in args.case)]
+    all_cases = RIDGE_CASES if args.which == RIDGE_PASS else CASES
+    cases = [name for name in all_cases if not args.case or any(s in name for s in args.case)]
     if not cases:
-        sys.exit(f"no case matches {args.case}; the cases: {list(CASES)}")
+        sys.exit(f"no case matches {args.case}; the cases: {list(all_cases)}")
     times = {(case, build): [] for case in cases for build in builds}
     for _ in range(args.rounds):
         for case in cases:

@@ -169,9 +169,12 @@ def test_statistics_match_numpy_and_reference(geometry, device):
     (dict(cin=2, cout=4, groups=2, k=5, padding=2, stride=(2, 1), size=(11, 21)), 70),
     (dict(cin=2, cout=2, groups=2, k=(3, 2), dilation=(2, 3), padding=(2, 1), size=(9, 19)), 70),
     (dict(cin=1, cout=3, k=7, padding=3, size=(6, 300)), 70),
-    (dict(cin=4, cout=2, groups=2, k=3, padding=1, size=(7, 18)), 70)],
+    (dict(cin=4, cout=2, groups=2, k=3, padding=1, size=(7, 18)), 70),
+    (dict(cin=4, cout=2, groups=2, k=5, padding=2, size=(9, 41)), 70),
+    (dict(cin=3, cout=2, groups=1, k=(5, 3), dilation=(1, 2), padding=(2, 2), size=(10, 45)), 66)],
     ids=["201-unknowns", "50-unknowns", "per-channel-k3", "per-channel-k5-strided",
-         "per-channel-dilated", "one-input-three-outputs-k7", "two-inputs-per-group"])
+         "per-channel-dilated", "one-input-three-outputs-k7", "two-inputs-per-group",
+         "two-inputs-per-group-k5", "three-inputs-dilated"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_statistics_over_segments_bands_and_passes(geometry, samples, dtype, device):
@@ -179,8 +182,9 @@ def test_statistics_over_segments_bands_and_passes(geometry, samples, dtype, dev
     enough that a row is split into segments of one or several vectors of pixels, the last one
     partial (on CPUs with up to 2 MiB of L2, whose size sets the segments); output heights that
     its bands of rows do not divide; more samples than one pass takes. With one input channel
-    per group it sums products that the entries of neighbouring rows and columns share, with
-    more the Gram's entries."""
+    per group it sums products that the entries of neighbouring rows and columns share; with
+    up to six, in batches of 64 samples or more, where that saves enough multiply-adds (the
+    last three layers here); otherwise the Gram's entries."""
     layer = make_layer(device=device, **geometry)
     x, y = make_data(layer, samples, device=device)
     stats = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
@@ -205,6 +209,18 @@ def test_solve_matches_numpy_closed_form(geometry, penalize_bias, device):
     else:
         assert bias.shape == layer.bias.shape
         assert_close(bias, expected_b, 1e-9)
+
+
+def test_accumulation_ways_agree():
+    """Two input channels per group: one batch of 70 samples sums the products that neighbouring
+    pixels share, two of 35 the Gram's entries. Both give numpy's statistics."""
+    layer = make_layer(cin=4, cout=2, groups=2, k=5, padding=2, size=(9, 41))
+    x, y = make_data(layer, 70)
+    whole = RidgeFitter(layer).update(x, y).statistics
+    halves = RidgeFitter(layer).update(x[:35], y[:35]).update(x[35:], y[35:]).statistics
+    for key, value in numpy_statistics(layer, x, y).items():
+        assert_close(whole[key], value, 1e-12)
+        assert_close(halves[key], value, 1e-12)
 
 
 def _random_geometry(rng):
@@ -636,11 +652,12 @@ import torch, reggan_ext
 from reggan_ext.ridge import ridge_statistics_reference, ridge_solve_reference
 torch.manual_seed(0)
 worst = 0.0  # largest relative error over its tolerance
-# Two input channels per group, and one (the accumulation's two ways to sum).
-for cin, groups in ((4, 2), (2, 2)):
-    layer = reggan_ext.LocalRegression(cin, 6, 3, (9, 21), groups=groups, padding='same',
+# Two input channels per group over a few samples and over many, and one: the accumulation's
+# two ways to sum.
+for cin, groups, k, n in ((4, 2, 3, 13), (4, 2, 5, 70), (2, 2, 3, 13)):
+    layer = reggan_ext.LocalRegression(cin, 6, k, (9, 21), groups=groups, padding='same',
                                        dtype=torch.float64)
-    x, y = torch.randn(13, cin, 9, 21), torch.randn(13, 6, 9, 21)
+    x, y = torch.randn(n, cin, 9, 21), torch.randn(n, 6, 9, 21)
     expected = ridge_statistics_reference(layer, x.double(), y.double())
     lam = torch.full((groups, 9, 21), 0.5, dtype=torch.float64)
     solution, _ = ridge_solve_reference(expected['gram'], expected['cross'], lam, True)

@@ -12,11 +12,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <new>
-#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -63,6 +63,14 @@ constexpr int64_t kSolvePrefetchEntries = 32;
 constexpr int kFactorRows = 4;
 // How many samples ahead the accumulation prefetches the inputs it reads.
 constexpr int64_t kPrefetchSamples = 4;
+// With several input channels per group, the accumulation sums the products that neighbouring
+// pixels share only with up to kMaxProductChannels of them, over batches of kMinProductBatch
+// samples or more (which amortize planning the products and their per-task costs), and where
+// the Gram's tiles would take kProductGain times their multiply-adds or more. Elsewhere the
+// tiles were faster here.
+constexpr int64_t kMaxProductChannels = 6;
+constexpr int64_t kMinProductBatch = 64;
+constexpr double kProductGain = 1.7;
 
 }  // namespace
 

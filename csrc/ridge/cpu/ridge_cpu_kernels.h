@@ -76,6 +76,13 @@ inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_ro
   }
 }
 
+// The multiply-adds per sample and vector of pixels of accumulate_gram's tiles for `rows` rows
+// of the augmented design: the tiles on the diagonal sum their upper triangles.
+inline int64_t tile_multiply_adds(int64_t rows) {
+  const int64_t blocks = (rows + kTile - 1) / kTile;
+  return blocks * (blocks - 1) / 2 * kTile * kTile + blocks * kTile * (kTile + 1) / 2;
+}
+
 // acc[r * kBlockCols + q] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
 // (vectors of kWidth values) for n < samples, r < kRows, q < kCols: a block of products held in
 // registers across the samples, each vector loaded once for the products of its row or column.
@@ -371,9 +378,11 @@ void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeG
 //    need 114 products for their 264 entries; at k = 7, 792 for 5304.
 // The products serve layers with one input channel per group (RegGAN's per-channel layer;
 // benchmarks/ridge_table.py: the float64 accumulation 1.5x faster at k = 3, 4.6x at k = 7).
-// With more, and with many outputs per group, a sample has more runs, so a pass takes fewer
-// samples, and fewer entries share a product: the Gram's tiles were as fast or faster for most
-// such layers tried, though not for two inputs and two outputs per group.
+// With more, a sample has more runs, so a pass takes fewer samples, fewer entries share a
+// product, and planning the products and their larger accumulators cost more per update:
+// accumulate takes the products there only with up to kMaxProductChannels per group, in
+// batches of kMinProductBatch samples or more, where the tiles would take kProductGain times
+// their multiply-adds or more (benchmarks/compare_builds.py --pass ridge-update).
 template <typename in_t, typename acc_t>
 void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                      const RidgeGeometry& rg) {
@@ -447,9 +456,11 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   });
 }
 
+// Returns false, having summed nothing, where the tiles would take less than min_gain times its
+// multiply-adds.
 template <typename in_t, typename acc_t>
-void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross,
-                         acc_t* target_sq, const RidgeGeometry& rg) {
+bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross,
+                         acc_t* target_sq, const RidgeGeometry& rg, double min_gain) {
   using L = Lanes<acc_t>;
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
@@ -462,22 +473,37 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   const int64_t ones_run = layout.ones_run();
   // The products, (first run, second run, distance): the first run is read from shift 0, the
   // second from the distance on; the ones run is constant, so its products need no shift. For
-  // entry e of the band's row b: its product, entry_key[b * entries + e], and the shift it is
-  // read at, entry_shift[e]. The entries of two different outputs are no statistic: they have
-  // no product (kNoProduct).
-  using Key = std::tuple<int64_t, int64_t, int64_t>;
-  const Key kNoProduct{-1, -1, -1};
+  // entry e of the band's row b: its product, products[entry_product[b * entries + e]], and the
+  // shift it is read at, entry_shift[e]. The entries of two different outputs are no statistic:
+  // they have no product (kNoProduct). The entries outnumber the products: their keys are
+  // sorted, and a run of equal keys is one product (a map took most of the planning with
+  // several channels). A key packs its triple in 32 bits each, so that sorting keys sorts
+  // triples: the entries would fill memory long before a run or distance reached 2^32.
+  using Key = unsigned __int128;
+  constexpr int64_t kNoProduct = -1;
+  const auto key_of = [](int64_t first_run, int64_t second_run, int64_t distance) {
+    return Key(uint64_t(first_run)) << 64 | Key(uint64_t(second_run)) << 32 |
+           Key(uint64_t(distance));
+  };
+  const auto unpack = [](Key key) {
+    return std::array<int64_t, 3>{int64_t(key >> 64), int64_t(uint32_t(key >> 32)),
+                                  int64_t(uint32_t(key))};
+  };
   const int64_t d = rg.unknowns();
-  std::map<Key, int64_t> product_of;
-  std::vector<Key> entry_key(band * entries, kNoProduct);
+  std::vector<int64_t> run_of(band * rows), shift_of(rows);
+  for (int64_t a = 0; a < rows; ++a) {
+    shift_of[a] = layout.shift(a);
+    for (int64_t b = 0; b < band; ++b) run_of[b * rows + a] = layout.run(b, a);
+  }
+  std::vector<std::pair<Key, int64_t>> entry_keys;  // (key, b * entries + e)
   std::vector<int64_t> entry_shift(entries);
   int64_t max_entry_shift = 0;
   for (int64_t b = 0; b < band; ++b) {
     for (int64_t col = 0; col < rows; ++col) {
       for (int64_t row = 0; row <= col; ++row) {
         if (row >= d && row != col) continue;
-        int64_t ra = layout.run(b, row), rb = layout.run(b, col);
-        int64_t sa = layout.shift(row), sb = layout.shift(col);
+        int64_t ra = run_of[b * rows + row], rb = run_of[b * rows + col];
+        int64_t sa = shift_of[row], sb = shift_of[col];
         if (ra == ones_run) sa = sb;
         if (rb == ones_run) sb = sa;
         if (sb < sa || (sb == sa && rb < ra)) {
@@ -485,12 +511,18 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
           std::swap(sa, sb);
         }
         const int64_t e = packed_index(col, row);
-        entry_key[b * entries + e] = Key{ra, rb, sb - sa};
+        entry_keys.emplace_back(key_of(ra, rb, sb - sa), b * entries + e);
         entry_shift[e] = sa;
         max_entry_shift = std::max(max_entry_shift, sa);
-        product_of[Key{ra, rb, sb - sa}] = 0;
       }
     }
+  }
+  std::sort(entry_keys.begin(), entry_keys.end());
+  std::vector<Key> products;
+  std::vector<int64_t> entry_product(band * entries, kNoProduct);
+  for (const auto& [key, entry] : entry_keys) {
+    if (products.empty() || products.back() != key) products.push_back(key);
+    entry_product[entry] = int64_t(products.size()) - 1;
   }
   // The products are summed in blocks of an outer product: kBlockRows second factors (a run
   // and a distance; rows) by up to kBlockCols of the first runs (columns, in order) that
@@ -501,10 +533,10 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   // of block k is accumulator (k * kBlockRows + r) * kBlockCols + q of a vector of pixels; a
   // block's other products are summed and not read.
   using Factor = std::pair<int64_t, int64_t>;  // (second run, distance)
-  std::map<Factor, std::set<int64_t>> firsts_of;
-  for (const auto& [key, unused] : product_of) {
-    const auto [first_run, second_run, distance] = key;
-    firsts_of[{second_run, distance}].insert(first_run);
+  std::map<Factor, std::vector<int64_t>> firsts_of;  // ascending: products are sorted
+  for (const Key key : products) {
+    const auto [first_run, second_run, distance] = unpack(key);
+    firsts_of[{second_run, distance}].push_back(first_run);
   }
   std::vector<Factor> row_factors;
   for (const auto& [factor, unused] : firsts_of) row_factors.push_back(factor);
@@ -515,8 +547,8 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   for (size_t r = 0; r < row_factors.size(); ++r) row_of[row_factors[r]] = int64_t(r);
   const int64_t row_blocks = (int64_t(row_factors.size()) + kBlockRows - 1) / kBlockRows;
   std::vector<std::map<int64_t, int64_t>> column_of(row_blocks);  // first run -> its column
-  for (const auto& [key, unused] : product_of) {
-    const auto [first_run, second_run, distance] = key;
+  for (const Key key : products) {
+    const auto [first_run, second_run, distance] = unpack(key);
     column_of[row_of[{second_run, distance}] / kBlockRows][first_run] = 0;
   }
   struct Block {
@@ -539,15 +571,27 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
       columns.push_back(column);
     }
   }
-  for (auto& [key, product] : product_of) {
-    const auto [first_run, second_run, distance] = key;
+  std::vector<int64_t> accumulator_of(products.size());  // of products[i]
+  for (size_t i = 0; i < products.size(); ++i) {
+    const auto [first_run, second_run, distance] = unpack(products[i]);
     const int64_t r = row_of[{second_run, distance}], q = column_of[r / kBlockRows][first_run];
     const int64_t k = block_start[r / kBlockRows] + q / kBlockCols;
-    product = (k * kBlockRows + r % kBlockRows) * kBlockCols + q % kBlockCols;
+    accumulator_of[i] = (k * kBlockRows + r % kBlockRows) * kBlockCols + q % kBlockCols;
   }
   const int64_t count_products = int64_t(blocks.size()) * kBlockRows * kBlockCols;
   const RowSegments<W> segments(g.out_width, count_products * int64_t(sizeof(V)));
   const int64_t width = segments.run_width(layout.span());
+  // A segment's products are summed for its pixels and the entries' shifts beyond them.
+  const auto task_vectors = [&](int64_t segment) {
+    return (segments.lanes(segment) + max_entry_shift + W - 1) / W;
+  };
+  if (min_gain > 0) {
+    int64_t products_per_vector = 0, vectors = 0;
+    for (const Block& block : blocks) products_per_vector += block.rows * block.cols;
+    for (int64_t s = 0; s < segments.count; ++s) vectors += task_vectors(s);
+    const int64_t tiles = tile_multiply_adds(rows) * ((g.out_width + W - 1) / W) * band;
+    if (double(tiles) < min_gain * double(products_per_vector * vectors)) return false;
+  }
   // The vectors of a product's values that a segment's entries read, at most width / W.
   const int64_t product_vectors = (segments.segment * W + max_entry_shift + W - 1) / W;
   const int64_t sample_values = (ones_run + 1) * width;
@@ -564,10 +608,11 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   }
   for (size_t q = 0; q < columns.size(); ++q) column_offsets[q] = columns[q] * width;
   // Where the values of entry e of the band's row b start in the accumulators.
-  std::vector<int64_t> entry_values(entry_key.size());
-  for (size_t e = 0; e < entry_key.size(); ++e) {
-    if (entry_key[e] != kNoProduct) {
-      entry_values[e] = product_of[entry_key[e]] * product_vectors * W + entry_shift[e % entries];
+  std::vector<int64_t> entry_values(entry_product.size());
+  for (size_t e = 0; e < entry_product.size(); ++e) {
+    if (entry_product[e] != kNoProduct) {
+      entry_values[e] =
+          accumulator_of[entry_product[e]] * product_vectors * W + entry_shift[e % entries];
     }
   }
   const int64_t work = g.batch * count_products * W * segments.segment;
@@ -586,14 +631,13 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
       const int64_t group = task / (bands * segments.count);
       const int64_t i0 = task / segments.count % bands * band;
       const int64_t segment = task % segments.count;
-      const int64_t lanes = segments.lanes(segment);
-      const int64_t task_vectors = (lanes + max_entry_shift + W - 1) / W;
+      const int64_t lanes = segments.lanes(segment), vectors = task_vectors(segment);
       acc.zero();
       task_runs.set(x, y, g, layout, group, i0, segments.first(segment), lanes);
       for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
         const int64_t count = std::min(chunk, g.batch - n0);
         task_runs.fill(n0, count, g.batch);
-        for (int64_t m = 0; m < task_vectors; ++m) {
+        for (int64_t m = 0; m < vectors; ++m) {
           for (size_t k = 0; k < blocks.size(); ++k) {
             const Block& block = blocks[k];
             sized_product_block(block.rows, block.cols, scratch + m * W,
@@ -605,7 +649,7 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
         }
       }
       for (int64_t product = 0; product < count_products; ++product) {
-        for (int64_t m = 0; m < task_vectors; ++m) {
+        for (int64_t m = 0; m < vectors; ++m) {
           sums[product * product_vectors + m] = acc[m * count_products + product];
         }
       }
@@ -617,14 +661,16 @@ void accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
           destinations);
     }
   });
+  return true;
 }
 
 template <typename in_t, typename acc_t>
 void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                 const RidgeGeometry& rg) {
   if (rg.layer.in_per_group() == 1) {
-    accumulate_products(x, y, gram, cross, target_sq, rg);
-  } else {
+    accumulate_products(x, y, gram, cross, target_sq, rg, 0.0);
+  } else if (rg.layer.in_per_group() > kMaxProductChannels || rg.layer.batch < kMinProductBatch ||
+             !accumulate_products(x, y, gram, cross, target_sq, rg, kProductGain)) {
     accumulate_gram(x, y, gram, cross, target_sq, rg);
   }
 }
