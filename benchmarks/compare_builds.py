@@ -18,9 +18,12 @@ import time
 
 import torch
 
+from reggan_ext import RidgeFitter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from local_regression_cases import CASES, IMPLEMENTATIONS, PASSES, pass_fn  # noqa: E402
+from ridge_table import workload  # noqa: E402
 
 RIDGE_PASS = "ridge-update"
 # name -> (batch, in_channels, out_channels, groups, size, kernel): float32 data, float64
@@ -38,13 +41,8 @@ RIDGE_CASES = {
 
 
 def ridge_update_fn(case):
-    from reggan_ext import LocalRegression, RidgeFitter
     batch, in_channels, out_channels, groups, size, kernel = case
-    generator = torch.Generator().manual_seed(0)
-    layer = LocalRegression(in_channels, out_channels, kernel, (size, size), groups=groups,
-                            padding="same")
-    x = torch.rand(batch, in_channels, size, size, generator=generator)
-    y = torch.rand(batch, out_channels, size, size, generator=generator)
+    layer, x, y = workload(kernel, batch, size, "cpu", (in_channels, out_channels, groups))
     fitter = RidgeFitter(layer)
     return lambda: fitter.update(x, y)
 
