@@ -1,8 +1,9 @@
 """Times the LocalRegression benchmark cases, or with `--pass ridge-update` RidgeFitter.update on
-the ridge cases below, under two builds of reggan_ext, in subprocesses that alternate between
-the builds round by round, so that both see the same drift of a shared, noisy machine. A build
-is a source tree whose reggan_ext/_C has been built in place (`python setup.py build_ext
---inplace`), e.g. a `git worktree` of the commit to compare with.
+the ridge cases below (a stream of batches, then the statistics read), under two builds of
+reggan_ext, in subprocesses that alternate between the builds round by round, so that both see
+the same drift of a shared, noisy machine. A build is a source tree whose reggan_ext/_C has been
+built in place (`python setup.py build_ext --inplace`), e.g. a `git worktree` of the commit to
+compare with.
 
     python benchmarks/compare_builds.py BASELINE_TREE [CANDIDATE_TREE] [--pass forward+backward]
                                         [--rounds 4] [--seconds 1.5] [--case SUBSTRING ...]
@@ -26,25 +27,36 @@ from local_regression_cases import CASES, IMPLEMENTATIONS, PASSES, pass_fn  # no
 from ridge_table import workload  # noqa: E402
 
 RIDGE_PASS = "ridge-update"
-# name -> (batch, in_channels, out_channels, groups, size, kernel): float32 data, float64
-# statistics, padding 'same'.
+# name -> (samples, in_channels, out_channels, groups, size, kernel, batch): the samples go to
+# RidgeFitter.update in batches of `batch`, and the statistics are read once at the end. Float32
+# data, float64 statistics, padding 'same'.
 RIDGE_CASES = {
-    "N256 3->3 per-channel 128x128 k3": (256, 3, 3, 3, 128, 3),
-    "N128 3->3 groups=1 128x128 k3": (128, 3, 3, 1, 128, 3),
-    "N128 3->3 groups=1 128x128 k5": (128, 3, 3, 1, 128, 5),
-    "N128 3->3 groups=1 128x128 k7": (128, 3, 3, 1, 128, 7),
-    "N128 4->4 groups=2 128x128 k5": (128, 4, 4, 2, 128, 5),
-    "N128 6->6 groups=1 64x64 k5": (128, 6, 6, 1, 64, 5),
-    "N128 8->8 groups=1 64x64 k3": (128, 8, 8, 1, 64, 3),
-    "N8 3->3 groups=1 64x64 k5": (8, 3, 3, 1, 64, 5),
+    "N256 3->3 per-channel 128x128 k3": (256, 3, 3, 3, 128, 3, 256),
+    "N128 3->3 groups=1 128x128 k3": (128, 3, 3, 1, 128, 3, 128),
+    "N128 3->3 groups=1 128x128 k5": (128, 3, 3, 1, 128, 5, 128),
+    "N128 3->3 groups=1 128x128 k7": (128, 3, 3, 1, 128, 7, 128),
+    "N128 4->4 groups=2 128x128 k5": (128, 4, 4, 2, 128, 5, 128),
+    "N128 6->6 groups=1 64x64 k5": (128, 6, 6, 1, 64, 5, 128),
+    "N128 8->8 groups=1 64x64 k3": (128, 8, 8, 1, 64, 3, 128),
+    "N8 3->3 groups=1 64x64 k5": (8, 3, 3, 1, 64, 5, 8),
+    "N256 3->3 per-channel 128x128 k3, batches of 8": (256, 3, 3, 3, 128, 3, 8),
+    "N256 3->3 per-channel 128x128 k5, batches of 8": (256, 3, 3, 3, 128, 5, 8),
+    "N256 3->3 per-channel 128x128 k5, batches of 64": (256, 3, 3, 3, 128, 5, 64),
+    "N256 3->3 per-channel 128x128 k7, batches of 16": (256, 3, 3, 3, 128, 7, 16),
 }
 
 
 def ridge_update_fn(case):
-    batch, in_channels, out_channels, groups, size, kernel = case
-    layer, x, y = workload(kernel, batch, size, "cpu", (in_channels, out_channels, groups))
+    samples, in_channels, out_channels, groups, size, kernel, batch = case
+    layer, x, y = workload(kernel, samples, size, "cpu", (in_channels, out_channels, groups))
     fitter = RidgeFitter(layer)
-    return lambda: fitter.update(x, y)
+
+    def stream():
+        for start in range(0, samples, batch):
+            fitter.update(x[start:start + batch], y[start:start + batch])
+        return fitter.statistics
+
+    return stream
 
 
 def time_in_this_process(case_name, which, seconds):

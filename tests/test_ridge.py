@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import reggan_ext.ridge
 from reggan_ext import LocalRegression, RidgeFitter, fit_local_regression, ridge_loss
 from reggan_ext.ridge import _unpack, ridge_solve_reference, ridge_statistics_reference
 
@@ -211,7 +212,13 @@ def test_solve_matches_numpy_closed_form(geometry, penalize_bias, device):
         assert_close(bias, expected_b, 1e-9)
 
 
-def test_accumulation_ways_agree():
+@pytest.fixture
+def one_update_per_batch(monkeypatch):
+    """Every batch is summed by an update of its own: none are gathered (RidgeFitter.update)."""
+    monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 0)
+
+
+def test_accumulation_ways_agree(one_update_per_batch):
     """Two input channels per group: one batch of 70 samples sums the products that neighbouring
     pixels share, two of 35 the Gram's entries. Both give numpy's statistics."""
     layer = make_layer(cin=4, cout=2, groups=2, k=5, padding=2, size=(9, 41))
@@ -321,8 +328,11 @@ def test_non_contiguous_and_channels_last_inputs(device):
 # Streaming --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "one_update_per_batch"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_uneven_batches_merge_and_state_dict(device):
+def test_uneven_batches_merge_and_state_dict(device, gather, monkeypatch):
+    if not gather:
+        monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 0)
     layer = make_layer(cin=2, cout=2, groups=2, k=3, padding="same", padding_mode="reflect",
                        device=device)
     x, y = make_data(layer, 23, device=device)
@@ -342,6 +352,49 @@ def test_uneven_batches_merge_and_state_dict(device):
                                        atol=1e-12)
         for got, want in zip(other.solve(0.5), expected):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_small_cpu_batches_are_gathered_for_one_update(monkeypatch):
+    """Small batches are copied side by side and summed by one update when their space is full
+    or the statistics are read; a batch too large for half the space is summed at once. The
+    statistics equal those of the updates that summed them, bitwise, whatever the caller does
+    to its tensors afterwards."""
+    layer = make_layer(cin=2, cout=2, groups=2, k=3, padding="same", padding_mode="reflect")
+    x, y = make_data(layer, 16)
+    sample_bytes = (x[0].numel() + y[0].numel()) * x.element_size()
+    monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 8 * sample_bytes)  # 8 samples
+    gathered = RidgeFitter(layer)
+    for a, b in [(0, 0), (0, 3), (3, 6), (6, 9), (9, 14), (14, 16)]:
+        xb, yb = x[a:b].clone(), y[a:b].clone()
+        gathered.update(xb, yb).update_validation(xb, yb)
+        xb.fill_(math.nan)
+        yb.fill_(math.nan)
+    # [0, 6) was summed when [6, 9) did not fit; [9, 14) at once; [6, 9) and [14, 16) wait.
+    assert gathered._gathered["statistics"].count == 5 and gathered.count == 16
+    monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 0)
+    expected = RidgeFitter(layer)
+    for a, b in [(0, 6), (9, 14)]:
+        expected.update(x[a:b], y[a:b]).update_validation(x[a:b], y[a:b])
+    expected.update(torch.cat([x[6:9], x[14:]]), torch.cat([y[6:9], y[14:]]))
+    expected.update_validation(torch.cat([x[6:9], x[14:]]), torch.cat([y[6:9], y[14:]]))
+    merged = RidgeFitter(layer).merge(copy.deepcopy(gathered))
+    for got in (gathered.state_dict(), merged.state_dict()):
+        for key, value in expected.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    # Loading statistics replaces the gathered batches too.
+    monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 8 * sample_bytes)
+    reloaded = RidgeFitter(layer).update(x[:2], y[:2]).load_state_dict(expected.state_dict())
+    assert reloaded.count == 16
+    torch.testing.assert_close(reloaded.statistics["gram"], expected.statistics["gram"], rtol=0,
+                               atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_batches_are_summed_at_once():
+    layer = make_layer(cin=2, cout=2, groups=2, k=3, padding=1, device="cuda")
+    x, y = make_data(layer, 2, device="cuda")
+    fitter = RidgeFitter(layer).update(x, y)
+    assert fitter._gathered["statistics"].count == 0 and fitter.count == 2
 
 
 def test_state_dict_carries_validation_and_rejects_mismatches():
