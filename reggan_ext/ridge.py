@@ -245,11 +245,12 @@ class RidgeFitter:
 
         An update reads and writes all the statistics. For a small layer that costs less than a
         sample; for RGB 128 x 128 images at k = 5 (149 MB of statistics) as much as summing
-        dozens of samples. So on the CPU, batches smaller than half of min(64 MiB, the
-        statistics' bytes) are copied side by side into that space, and one update sums them
-        when it is full or the statistics are next read (statistics, state_dict, solve, merge,
-        all_reduce). The statistics are those of that one update: the same, bit for bit, as
-        if the caller had passed the gathered batches as one."""
+        dozens of samples. So on the CPU, a batch whose x and y take at most half of
+        min(64 MiB, the statistics' bytes) is copied into a space of that size, beside the
+        batches before it, and one update sums them when the space is full or the statistics
+        are next read (statistics, state_dict, solve, merge, all_reduce). The statistics are
+        those of that one update: the same, bit for bit, as if the caller had passed the
+        gathered batches as one."""
         self._check_batch(x, y, "update")
         self._add("statistics", x, y)
         return self
