@@ -387,6 +387,12 @@ def test_small_cpu_batches_are_gathered_for_one_update(monkeypatch):
     assert reloaded.count == 16
     torch.testing.assert_close(reloaded.statistics["gram"], expected.statistics["gram"], rtol=0,
                                atol=0)
+    # A batch of another dtype has the gathered ones summed first.
+    mixed = RidgeFitter(layer).update(x[:3].float(), y[:3].float()).update(x[3:6], y[3:6])
+    assert mixed._gathered["statistics"].count == 3
+    monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 0)
+    apart = RidgeFitter(layer).update(x[:3].float(), y[:3].float()).update(x[3:6], y[3:6])
+    torch.testing.assert_close(mixed.statistics["gram"], apart.statistics["gram"], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
