@@ -211,9 +211,13 @@ class RidgeFitter:
                                layer.dilation, layer.groups, self.has_bias)
         statistics["count"] += x.shape[0]
 
-    def _add(self, which: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _sums_of(self, which: str) -> dict:
+        """The summed statistics `which`, zeros made on first use (validation)."""
         if self._sums[which] is None:
             self._sums[which] = self._zeros()
+        return self._sums[which]
+
+    def _add(self, which: str, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.dtype == torch.float32 and x.dtype == torch.float64:
             x, y = x.float(), y.float()
         gathered = self._gathered[which]
@@ -222,7 +226,7 @@ class RidgeFitter:
                                gathered.count + x.shape[0] > capacity):
             self._sum_gathered(which)
         if not x.shape[0] or 2 * x.shape[0] > capacity:
-            self._accumulate(self._sums[which], x, y)
+            self._accumulate(self._sums_of(which), x, y)
         else:
             gathered.add(x, y, capacity)
 
@@ -237,7 +241,7 @@ class RidgeFitter:
     def _sum_gathered(self, which: str) -> None:
         batch = self._gathered[which].take()
         if batch is not None:
-            self._accumulate(self._sums[which], *batch)
+            self._accumulate(self._sums_of(which), *batch)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> "RidgeFitter":
         """Adds the batch (x, y): x (N, C_in, H, W), y (N, C_out, H_out, W_out), float32 or
@@ -323,10 +327,9 @@ class RidgeFitter:
         for which, theirs in (("statistics", other._statistics),
                               ("validation", other._validation)):
             if theirs is not None:
-                if self._sums[which] is None:
-                    self._sums[which] = self._zeros()
+                sums = self._sums_of(which)
                 for key, value in theirs.items():
-                    self._sums[which][key] += value
+                    sums[key] += value
         return self
 
     def all_reduce(self, group=None) -> "RidgeFitter":
@@ -336,8 +339,8 @@ class RidgeFitter:
 
         flag = torch.tensor([self._validation is not None], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if flag.item() and self._validation is None:
-            self._sums["validation"] = self._zeros()
+        if flag.item():
+            self._sums_of("validation")
         for _, stats in self._pairs():
             for value in stats.values():
                 dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
