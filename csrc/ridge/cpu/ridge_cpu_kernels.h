@@ -110,8 +110,8 @@ REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_
 }
 
 // product_block for 1 <= rows <= kBlockRows and 1 <= cols <= kBlockCols known at run time.
-// Inlined whole into its caller, so that the dispatch is a few compares: each instantiation it
-// passes through was a call of its own, with a prologue that aligns the stack.
+// Inlined whole into its caller, so that the dispatch is a few compares, not a call for each
+// instantiation it passes through, each with a prologue that aligns the stack.
 template <int kRows = kBlockRows, int kCols = kBlockCols, typename T, typename V>
 REGGAN_CPU_INLINE void sized_product_block(int64_t rows, int64_t cols, const T* at,
                                            const int64_t* a, const int64_t* b, int64_t stride,
