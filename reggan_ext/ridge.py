@@ -30,6 +30,8 @@ unless memory forces the change.
 """
 
 import math
+import numbers
+from collections.abc import Sequence as SequenceABC
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -71,12 +73,26 @@ def _unpack(packed: torch.Tensor, d: int) -> torch.Tensor:
 def _check_lambda(value: float, name: str = "lam") -> float:
     if isinstance(value, torch.Tensor):
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
+
+
+def _geometry(layer: LocalRegression) -> dict:
+    """What a layer's design rows depend on: statistics of layers with equal geometry add up."""
+    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+            "kernel_size": layer.kernel_size, "input_size": layer.input_size,
+            "stride": layer.stride, "padding (left, right, top, bottom)": layer._explicit_pad,
+            "dilation": layer.dilation, "groups": layer.groups,
+            "padding_mode": layer.padding_mode, "bias": layer.bias is not None}
+
+
+def _geometry_difference(mine: dict, theirs: dict) -> str:
+    return ", ".join(f"{key} {theirs[key]} (expected {value})" for key, value in mine.items()
+                     if theirs.get(key) != value)
 
 
 class _Gathered:
@@ -128,6 +144,7 @@ class RidgeFitter:
             raise TypeError(
                 f"RidgeFitter: dtype must be torch.float32 or torch.float64, got {dtype}")
         self._layer = layer
+        self.geometry = _geometry(layer)
         self.penalize_bias = bool(penalize_bias)
         self.dtype = dtype
         self.device = layer.weight.device
@@ -273,22 +290,28 @@ class RidgeFitter:
         return sets
 
     def state_dict(self) -> dict:
-        """The statistics (and validation statistics, if any), to resume a fit later."""
-        state = {}
+        """The statistics (and validation statistics, if any) and the geometry of the layer
+        they belong to, to resume a fit later."""
+        state = {"geometry": dict(self.geometry)}
         for prefix, stats in self._pairs():
             for key, value in stats.items():
                 state[prefix + key] = value.clone()
         return state
 
     def load_state_dict(self, state: dict) -> "RidgeFitter":
-        """Replaces the statistics with those of state_dict(); shapes must match the layer."""
+        """Replaces the statistics with those of state_dict(), which must come from a fitter of
+        a layer with this one's geometry."""
         has_validation = any(k.startswith("validation.") for k in state)
         expected = [("", self._zeros())] + ([("validation.", self._zeros())] if has_validation
                                             else [])
-        keys = {prefix + key for prefix, stats in expected for key in stats}
+        keys = {"geometry"} | {prefix + key for prefix, stats in expected for key in stats}
         if set(state) != keys:
             raise ValueError(f"RidgeFitter.load_state_dict: expected keys {sorted(keys)}, got "
                              f"{sorted(state)}")
+        if state["geometry"] != self.geometry:
+            raise ValueError("RidgeFitter.load_state_dict: the statistics are those of another "
+                             "layer geometry: "
+                             + _geometry_difference(self.geometry, state["geometry"]))
         loaded = []
         for prefix, template in expected:
             stats = {}
@@ -309,12 +332,9 @@ class RidgeFitter:
         if not isinstance(other, RidgeFitter):
             raise TypeError(f"RidgeFitter.{method}: expected a RidgeFitter, got "
                             f"{type(other).__name__}")
-        mine, theirs = self._statistics, other._statistics
-        for key in ("gram", "cross"):
-            if mine[key].shape != theirs[key].shape:
-                raise ValueError(f"RidgeFitter.{method}: the fitters' {key} shapes differ "
-                                 f"({tuple(mine[key].shape)} vs {tuple(theirs[key].shape)}); "
-                                 "they must fit layers of the same geometry")
+        if other.geometry != self.geometry:
+            raise ValueError(f"RidgeFitter.{method}: the other fitter's layer has another "
+                             "geometry: " + _geometry_difference(self.geometry, other.geometry))
         if other.dtype != self.dtype or other.device != self.device:
             raise ValueError(f"RidgeFitter.{method}: the other fitter has {other.dtype} "
                              f"statistics on {other.device}, this one {self.dtype} on "
@@ -352,22 +372,47 @@ class RidgeFitter:
     def _penalize_last(self) -> bool:
         return self.penalize_bias or not self.has_bias
 
+    def _lambda_value(self, value, name: str = "lam") -> float:
+        value = _check_lambda(value, name)
+        if value > torch.finfo(self.dtype).max:
+            raise ValueError(f"RidgeFitter: {name} = {value} overflows the fitter's {self.dtype} "
+                             "statistics")
+        return value
+
     def _lambda_map(self, lam: Lambda) -> torch.Tensor:
         shape = (self.groups, *self._layer.output_size)
         if isinstance(lam, torch.Tensor) and lam.dim() > 0:
             if tuple(lam.shape) != shape:
                 raise ValueError(f"RidgeFitter.solve: a lambda map must have shape {shape} "
                                  f"(groups, H_out, W_out), got {tuple(lam.shape)}")
-            if not lam.is_floating_point() or not bool(torch.isfinite(lam).all()) or \
-                    bool((lam < 0).any()):
-                raise ValueError("RidgeFitter.solve: a lambda map must be finite and >= 0")
-            return lam.to(device=self.device, dtype=self.dtype)
-        return torch.full(shape, _check_lambda(lam), dtype=self.dtype, device=self.device)
+            if not lam.is_floating_point():
+                raise TypeError(f"RidgeFitter.solve: a lambda map must be a floating-point "
+                                f"tensor, got {lam.dtype}")
+            # The solve has no gradient with respect to lambda (as for a number).
+            lam = lam.detach().to(device=self.device, dtype=self.dtype)
+            if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
+                raise ValueError(f"RidgeFitter.solve: a lambda map must be finite and >= 0 in "
+                                 f"the fitter's {self.dtype}")
+            return lam
+        return torch.full(shape, self._lambda_value(lam), dtype=self.dtype, device=self.device)
 
     def _check_ready(self) -> None:
         if self.count == 0:
             raise RuntimeError("RidgeFitter.solve: no data; call update(x, y) (or merge, "
                                "load_state_dict) before solving")
+
+    def _check_finite(self, stats: dict, which: str, method: str) -> None:
+        """Raises, saying how many pixel systems they affect, for non-finite statistics."""
+        finite = torch.isfinite(stats["gram"]).all(1)
+        for key in ("cross", "target_sq"):
+            per_system = stats[key].reshape(self.groups, -1, *stats[key].shape[-2:])
+            finite &= torch.isfinite(per_system).all(1)
+        bad = int((~finite).sum())
+        if bad:
+            data = "x or y" if which == "statistics" else "the validation x or y"
+            raise RuntimeError(f"RidgeFitter.{method}: the {which} of {bad} of {finite.numel()} "
+                               f"pixel systems are not finite (NaN or Inf in {data}, or overflow "
+                               "of float32 statistics)")
 
     def _raise_failure(self, info: torch.Tensor, solution: torch.Tensor) -> None:
         """Explains failed systems. Non-finite statistics need no check of their own on the way
@@ -376,21 +421,13 @@ class RidgeFitter:
         failed = int((info != 0).sum())
         if not failed and bool(torch.isfinite(solution).all()):
             return
-        stats = self._statistics
-        finite = torch.isfinite(stats["gram"]).all(1)
-        for key in ("cross", "target_sq"):
-            per_system = stats[key].reshape(self.groups, -1, *stats[key].shape[-2:])
-            finite &= torch.isfinite(per_system).all(1)
-        bad = int((~finite).sum())
-        if bad:
-            raise RuntimeError(f"RidgeFitter.solve: the statistics of {bad} of {finite.numel()} "
-                               "pixel systems are not finite (NaN or Inf in x or y, or overflow "
-                               "of float32 statistics)")
+        self._check_finite(self._statistics, "statistics", "solve")
         if failed:
             raise RuntimeError(
                 f"RidgeFitter.solve: {failed} of {info.numel()} pixel systems are not "
                 "numerically positive definite (fewer independent samples than the "
-                f"{self.unknowns} unknowns, or inputs constant over the batch); use lam > 0")
+                f"{self.unknowns} unknowns, inputs constant over the batch, or taps that only "
+                "read zero padding); use lam > 0")
         raise RuntimeError("RidgeFitter.solve: the solution overflowed; use a larger lam")
 
     def _surely_singular(self, lam_map: torch.Tensor) -> torch.Tensor:
@@ -418,9 +455,10 @@ class RidgeFitter:
         With select='gcv' or 'validation', lam is a sequence of candidates; solve picks one by
         generalized cross-validation computed from the statistics alone, or by the exact error
         on the validation statistics (update_validation), and returns (weight, bias, chosen).
-        scope='global' picks one lambda for the whole layer (chosen is a float); scope='pixel'
-        picks one per pixel system (chosen is a (groups, H_out, W_out) map). See
-        lambda_scores for the criteria. Ties go to the earlier candidate.
+        scope='global' picks one lambda for the whole layer (chosen is that candidate, a
+        float); scope='pixel' picks one per pixel system (chosen is a (groups, H_out, W_out)
+        map in the fitter's dtype). See lambda_scores for the criteria. Ties go to the earlier
+        candidate.
 
         Raises RuntimeError, saying how many pixel systems failed, when a system cannot be
         solved: lam = 0 with fewer samples than unknowns, a pivot of the factorization at or
@@ -430,6 +468,9 @@ class RidgeFitter:
         that are not finite. Weights are never NaN in silence.
         """
         if select is None:
+            if scope not in _SCOPES:
+                raise ValueError(f"RidgeFitter.solve: scope must be one of {_SCOPES}, got "
+                                 f"{scope!r}")
             lam_map = self._lambda_map(lam)
             self._check_ready()
             chosen = None
@@ -437,10 +478,10 @@ class RidgeFitter:
             scores, candidates = self._scores(lam, select, scope, "solve")
             best = scores.argmin(0)
             if scope == "global":
-                chosen = float(candidates[best])
+                chosen = candidates[int(best)]
                 lam_map = self._lambda_map(chosen)
             else:
-                chosen = candidates[best.reshape(-1)].reshape(best.shape)
+                chosen = torch.tensor(candidates, dtype=self.dtype, device=self.device)[best]
                 lam_map = chosen
         singular = int(self._surely_singular(lam_map).sum())
         if singular:
@@ -457,11 +498,12 @@ class RidgeFitter:
              scope: str = "global"):
         """Writes solve(lam, select, scope)'s weight and bias into layer (a LocalRegression of
         the same geometry) and returns the lambda used: lam, or the chosen one."""
-        if not isinstance(layer, LocalRegression) or layer.weight.shape != \
-                self._layer.weight.shape or (layer.bias is None) != (not self.has_bias):
-            raise ValueError("RidgeFitter.fit_: layer must be a LocalRegression with the "
-                             "geometry of the fitted one (weight shape "
-                             f"{tuple(self._layer.weight.shape)}, bias={self.has_bias})")
+        if not isinstance(layer, LocalRegression):
+            raise TypeError(f"RidgeFitter.fit_: layer must be a reggan_ext.LocalRegression, got "
+                            f"{type(layer).__name__}")
+        if _geometry(layer) != self.geometry:
+            raise ValueError("RidgeFitter.fit_: layer must have the geometry of the fitted one: "
+                             + _geometry_difference(self.geometry, _geometry(layer)))
         result = self.solve(lam, select, scope)
         with torch.no_grad():
             layer.weight.copy_(result[0])
@@ -487,7 +529,9 @@ class RidgeFitter:
                         LAPACK matrix by matrix: about a millisecond per 26 x 26 system.)
           'validation': sum over S of the validation error sum_n (y - w . z)^2 =
                         yy_val - 2 w . r_val + w^T G_val w, inf where a system cannot be solved.
-        An unpenalized bias (penalize_bias=False) is exact in both.
+        An unpenalized bias (penalize_bias=False) is exact in both. A score is also inf where
+        the solution overflows. Non-finite statistics (NaN or Inf in the training or validation
+        data) and validation statistics without samples raise RuntimeError.
         """
         return self._scores(candidates, select, scope, "lambda_scores")[0]
 
@@ -498,16 +542,17 @@ class RidgeFitter:
         if scope not in _SCOPES:
             raise ValueError(f"RidgeFitter.{method}: scope must be one of {_SCOPES}, got "
                              f"{scope!r}")
-        if isinstance(candidates, torch.Tensor):
-            candidates = candidates.reshape(-1).tolist() if candidates.dim() <= 1 else None
-        if not isinstance(candidates, (list, tuple)) or not candidates:
+        if getattr(candidates, "ndim", None) == 1:  # a tensor or numpy array
+            candidates = candidates.tolist()
+        if isinstance(candidates, str) or not isinstance(candidates, SequenceABC) or \
+                not candidates:
             raise ValueError(f"RidgeFitter.{method}: with select={select!r}, lam must be a "
                              "non-empty sequence of candidate lambdas")
-        values = [_check_lambda(c, "each candidate lambda") for c in candidates]
-        lams = torch.tensor(values, dtype=self.dtype, device=self.device)
+        values = [self._lambda_value(c, "each candidate lambda") for c in candidates]
         self._check_ready()
+        self._check_finite(self._statistics, "statistics", method)
         if select == "gcv":
-            rss, traces = self._gcv_terms(lams)
+            rss, traces = self._gcv_terms(values)
             targets = torch.tensor(float(self.count), dtype=self.dtype, device=self.device)
             if scope == "global":
                 rss, traces = rss.sum((1, 2, 3)), traces.sum((1, 2, 3))
@@ -515,20 +560,25 @@ class RidgeFitter:
             else:
                 targets = targets * self.out_per_group
             room = targets - traces
-            return torch.where(room > 0, targets * rss / room.clamp_min(1e-300) ** 2,
-                               math.inf), lams
-        if self._validation is None:
-            raise RuntimeError(f"RidgeFitter.{method}: select='validation' needs validation "
-                               "statistics; call update_validation(x, y) first")
-        errors = self._validation_errors(lams)
-        return (errors.sum((1, 2, 3)) if scope == "global" else errors), lams
+            scores = torch.where(room > 0, targets * rss / room.clamp_min(1e-300) ** 2,
+                                 math.inf)
+        else:
+            validation = self._validation
+            if validation is None or not int(validation["count"]):
+                raise RuntimeError(f"RidgeFitter.{method}: select='validation' needs validation "
+                                   "samples; call update_validation(x, y) with some first")
+            self._check_finite(validation, "validation statistics", method)
+            errors = self._validation_errors(values)
+            scores = errors.sum((1, 2, 3)) if scope == "global" else errors
+        # From finite statistics, a NaN score comes from a solution that overflowed.
+        return torch.where(scores.isnan(), math.inf, scores), values
 
     def _pixel_chunks(self):
         pixels = self._statistics["target_sq"][0].numel()
         step = max(1, _SELECTION_ELEMENTS // (self.groups * self.unknowns ** 2))
         return [(p, min(p + step, pixels)) for p in range(0, pixels, step)]
 
-    def _gcv_terms(self, lams: torch.Tensor):
+    def _gcv_terms(self, lams: Sequence[float]):
         """RSS summed over each system's outputs (inf where the system cannot be solved) and
         out_per_group * tr(H), per candidate: two (K, groups, H_out, W_out) tensors."""
         stats, d, og = self._statistics, self.unknowns, self.out_per_group
@@ -537,7 +587,7 @@ class RidgeFitter:
         target_sq = stats["target_sq"].reshape(self.groups, og, *shape[1:])
         penalized = d if self._penalize_last else d - 1
         rss, traces = [], []
-        for lam in lams.tolist():
+        for lam in lams:
             lam_map = torch.full(shape, lam, dtype=self.dtype, device=self.device)
             w, info = self._solve_map(lam_map)
             inverse, trace_info = _ops.ridge_inverse_trace(stats["gram"], lam_map,
@@ -552,14 +602,14 @@ class RidgeFitter:
             traces.append(og * (d - lam * inverse))
         return torch.stack(rss), torch.stack(traces)
 
-    def _validation_errors(self, lams: torch.Tensor) -> torch.Tensor:
+    def _validation_errors(self, lams: Sequence[float]) -> torch.Tensor:
         """Validation error of each candidate summed over each system's outputs:
         (K, groups, H_out, W_out), inf where the system cannot be solved."""
         val, d, og = self._validation, self.unknowns, self.out_per_group
         shape = (self.groups, *self._layer.output_size)
         errors = []
         gram = val["gram"].flatten(2)
-        for lam in lams.tolist():
+        for lam in lams:
             lam_map = torch.full(shape, lam, dtype=self.dtype, device=self.device)
             w, info = self._solve_map(lam_map)
             info = torch.where(self._surely_singular(lam_map), 1, info)

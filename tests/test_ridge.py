@@ -110,6 +110,13 @@ def assert_close(actual, expected, rtol, atol_scale=None):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-300))
 
 
+def assert_states_equal(got, want, **tolerances):
+    """RidgeFitter state dicts: the same geometry, and statistics equal within tolerances."""
+    assert got.keys() == want.keys() and got["geometry"] == want["geometry"]
+    for key in want.keys() - {"geometry"}:
+        torch.testing.assert_close(got[key].cpu(), want[key], **tolerances)
+
+
 def make_layer(cin=2, cout=2, k=3, size=(7, 9), dtype=torch.float64, device="cpu", **kw):
     return LocalRegression(cin, cout, k, size, dtype=dtype, device=device, **kw)
 
@@ -379,8 +386,7 @@ def test_small_cpu_batches_are_gathered_for_one_update(monkeypatch):
     expected.update_validation(torch.cat([x[6:9], x[14:]]), torch.cat([y[6:9], y[14:]]))
     merged = RidgeFitter(layer).merge(copy.deepcopy(gathered))
     for got in (gathered.state_dict(), merged.state_dict()):
-        for key, value in expected.state_dict().items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+        assert_states_equal(got, expected.state_dict(), rtol=0, atol=0)
     # Loading statistics replaces the gathered batches too.
     monkeypatch.setattr(reggan_ext.ridge, "_GATHER_BYTES", 8 * sample_bytes)
     reloaded = RidgeFitter(layer).update(x[:2], y[:2]).load_state_dict(expected.state_dict())
@@ -408,8 +414,9 @@ def test_state_dict_carries_validation_and_rejects_mismatches():
     x, y = make_data(layer, 8)
     fitter = RidgeFitter(layer).update(x, y).update_validation(x[:3], y[:3])
     state = fitter.state_dict()
-    assert set(state) == {"gram", "cross", "target_sq", "count", "validation.gram",
+    assert set(state) == {"geometry", "gram", "cross", "target_sq", "count", "validation.gram",
                           "validation.cross", "validation.target_sq", "validation.count"}
+    assert state["geometry"]["padding (left, right, top, bottom)"] == (1, 1, 1, 1)
     state["gram"].zero_()  # a copy, not a view of the fitter's buffers
     assert fitter.statistics["gram"].abs().sum() > 0
     restored = RidgeFitter(layer).load_state_dict(fitter.state_dict())
@@ -418,10 +425,20 @@ def test_state_dict_carries_validation_and_rejects_mismatches():
     with pytest.raises(ValueError, match="expected keys"):
         RidgeFitter(layer).load_state_dict({"gram": state["gram"]})
     other = make_layer(padding=0)
-    with pytest.raises(ValueError, match="gram must have shape"):
+    with pytest.raises(ValueError, match="another layer geometry: padding"):
         RidgeFitter(other).load_state_dict(RidgeFitter(layer).state_dict())
-    with pytest.raises(ValueError, match="gram shapes differ"):
+    with pytest.raises(ValueError, match=r"another geometry: padding .* \(1, 1, 1, 1\) "
+                                         r"\(expected \(0, 0, 0, 0\)\)"):
         RidgeFitter(other).merge(fitter)
+    # Geometries whose statistics have equal shapes are told apart too.
+    for same_shapes in (make_layer(padding=2, dilation=2), make_layer(padding=1,
+                                                                      padding_mode="reflect")):
+        with pytest.raises(ValueError, match="another geometry"):
+            RidgeFitter(same_shapes).merge(fitter)
+        with pytest.raises(ValueError, match="another layer geometry"):
+            RidgeFitter(same_shapes).load_state_dict(fitter.state_dict())
+        with pytest.raises(ValueError, match="geometry of the fitted one"):
+            fitter.fit_(same_shapes, 1.0)
     with pytest.raises(TypeError, match="expected a RidgeFitter"):
         fitter.merge(state)
 
@@ -455,8 +472,7 @@ def test_two_process_gloo_all_reduce_equals_single_process():
         mp.spawn(_all_reduce_worker, args=(2, init_file, out_file, x, y, xv, yv), nprocs=2)
         result = torch.load(out_file)
     single = RidgeFitter(layer).update(x, y).update_validation(xv, yv)
-    for key, value in single.state_dict().items():
-        torch.testing.assert_close(result["state"][key], value, rtol=1e-13, atol=1e-12)
+    assert_states_equal(result["state"], single.state_dict(), rtol=1e-13, atol=1e-12)
     for got, want in zip(result["solution"], single.solve(0.3)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -802,7 +818,8 @@ def test_rank_deficient_and_non_finite_fail_loudly():
     assert torch.isfinite(fitter.solve(1e-3)[0]).all()
     # A tap that reads the zero padding for every sample: singular at lam = 0 on the border only.
     fitter = RidgeFitter(layer).update(*make_data(layer, 50))
-    with pytest.raises(RuntimeError, match=r"14 of 20 pixel systems"):
+    with pytest.raises(RuntimeError, match=r"14 of 20 pixel systems .* taps that only read "
+                                           "zero padding"):
         fitter.solve(0.0)
     for name, value in [("x", math.nan), ("x", math.inf), ("y", math.nan), ("y", -math.inf)]:
         xb, yb = x.clone(), y.clone()
@@ -811,6 +828,58 @@ def test_rank_deficient_and_non_finite_fail_loudly():
                                                "not finite"):
             RidgeFitter(layer).update(xb, yb).solve(1.0)
 
+
+def test_lambda_selection_rejects_what_it_cannot_score():
+    layer = make_layer(groups=2, padding=1)
+    x, y = make_data(layer, 20)
+    candidates = [1.0, 100.0]
+    for name, value in [("x", math.nan), ("y", math.inf)]:
+        xv, yv = x[:5].clone(), y[:5].clone()
+        (xv if name == "x" else yv)[0, 0, 2, 2] = value
+        fitter = RidgeFitter(layer).update(x, y).update_validation(xv, yv)
+        with pytest.raises(RuntimeError, match=r"validation statistics of [1-9]\d* of 126 pixel "
+                                               "systems are not finite"):
+            fitter.solve(candidates, select="validation")
+    empty = RidgeFitter(layer).update(x, y).update_validation(x[:0], y[:0])
+    with pytest.raises(RuntimeError, match="needs validation samples"):
+        empty.solve(candidates, select="validation")
+    xb = x.clone()
+    xb[3, 1, 0, 0] = math.nan
+    with pytest.raises(RuntimeError, match="lambda_scores: the statistics of"):
+        RidgeFitter(layer).update(xb, y).lambda_scores(candidates, "gcv")
+
+
+def test_lambda_arguments_of_other_types():
+    layer = make_layer(groups=2, padding=1)
+    x, y = make_data(layer, 20)
+    fitter = RidgeFitter(layer).update(x, y)
+    expected = fitter.solve(0.5)[0]
+    for lam in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(fitter.solve(lam)[0], expected, rtol=0, atol=0)
+    candidates = [0.25, 0.5, 4.0]
+    scores = fitter.lambda_scores(candidates, "gcv", "global")
+    for same in (np.array(candidates), torch.tensor(candidates), tuple(candidates)):
+        torch.testing.assert_close(fitter.lambda_scores(same, "gcv", "global"), scores)
+    torch.testing.assert_close(fitter.lambda_scores(range(1, 3), "gcv", "global"),
+                               fitter.lambda_scores([1.0, 2.0], "gcv", "global"))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        fitter.solve("0.5", select="gcv")
+    lam_map = torch.full((2, 7, 9), 0.5, requires_grad=True)
+    weight, bias = fitter.solve(lam_map)  # no gradient flows to lambda: none is claimed
+    assert not weight.requires_grad and not bias.requires_grad
+    torch.testing.assert_close(weight, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="floating-point tensor, got torch.int64"):
+        fitter.solve(torch.ones(2, 7, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        fitter.solve(0.5, scope="everything")
+    single = RidgeFitter(layer, dtype=torch.float32).update(x, y)
+    assert single.solve([0.3], select="gcv")[2] == 0.3  # the candidate, not its float32 rounding
+    with pytest.raises(ValueError, match="overflows the fitter's torch.float32"):
+        single.solve(1e39)
+    with pytest.raises(ValueError, match="overflows the fitter's torch.float32"):
+        single.solve([1.0, 1e39], select="gcv")
+    with pytest.raises(ValueError, match="must be finite and >= 0 in the fitter's torch.float32"):
+        single.solve(torch.full((2, 7, 9), 1e39, dtype=torch.float64))
 
 def test_kernel_argument_errors():
     layer = make_layer(cin=2, cout=2, groups=2, padding=1)
@@ -880,8 +949,7 @@ def test_cuda_matches_cpu_end_to_end():
     cpu = RidgeFitter(layer).update(x, y).update_validation(x[:9], y[:9])
     gpu = RidgeFitter(copy.deepcopy(layer).cuda()).update(x.cuda(), y.cuda())
     gpu.update_validation(x[:9].cuda(), y[:9].cuda())
-    for key, value in cpu.state_dict().items():
-        torch.testing.assert_close(gpu.state_dict()[key].cpu(), value, rtol=1e-12, atol=1e-10)
+    assert_states_equal(gpu.state_dict(), cpu.state_dict(), rtol=1e-12, atol=1e-10)
     candidates = [0.01, 0.1, 1.0]
     for select in ("gcv", "validation"):
         for scope in ("pixel", "global"):
