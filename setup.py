@@ -3,7 +3,7 @@
 Environment:
   REGGAN_EXT_CUDA=0|1     force the CUDA build off or on (default: on when torch is a CUDA build
                           and a CUDA toolkit is found).
-  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default: "8.0;9.0").
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default: "8.0;9.0+PTX").
   MAX_JOBS                parallel compile jobs (ninja).
 
 Build with `pip install --no-build-isolation .` so the kernels are compiled against the torch
@@ -47,7 +47,8 @@ except ImportError:
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# A100 and H100 machine code, and PTX that newer GPUs compile when the library loads.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def want_cuda() -> bool:

@@ -14,6 +14,8 @@ report_dir=${1:-gpu_report}
 mkdir -p "$report_dir"
 report="$report_dir/report.md"
 py=${PYTHON:-python3}
+# compute-sanitizer and ncu come with the toolkit, which need not be on PATH.
+export PATH="$PATH:${CUDA_HOME:-/usr/local/cuda}/bin"
 status=0
 
 step() {  # step TITLE COMMAND...: runs the command, appends its output and duration to the report.
@@ -47,7 +49,7 @@ if [ "$quick" = 1 ]; then
   step "CUDA tests (local_regression)" $py -m pytest -q -p no:cacheprovider \
     tests/test_local_regression_cuda.py
 else
-  step "CUDA tests" $py -m pytest -q -p no:cacheprovider -k cuda tests
+  step "CUDA tests" $py -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests
   for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
     step "compute-sanitizer --tool $tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       $py benchmarks/gpu_sanitizer_workload.py

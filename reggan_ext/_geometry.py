@@ -1,18 +1,41 @@
 """Argument normalization shared by the functional op, the module and the references."""
 
-from typing import Sequence, Tuple, Union
+import operator
+from typing import Optional, Sequence, Tuple, Union
 
 IntPair = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence[int]]
 
 
-def pair(value: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+def _integer(value) -> int:
+    """value as an int if it is one (numpy and 0-d tensor integers too, bools not)."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a size")
+    return operator.index(value)
+
+
+def positive_int(value, name: str) -> int:
+    try:
+        integer = _integer(value)
+    except TypeError:
+        integer = 0
+    if integer < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return integer
+
+
+def pair(value: IntPair, name: str, minimum: Optional[int] = None) -> Tuple[int, int]:
+    """(height, width) from an int or a pair of ints, each at least minimum if given."""
+    try:
+        values = ((_integer(value),) * 2 if hasattr(value, "__index__")
+                  else tuple(_integer(v) for v in value))
+    except TypeError:
+        values = ()
+    if len(values) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value
+    if minimum is not None and min(values) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return values
 
 
 def explicit_padding(

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reggan_ext._geometry import IntPair, Padding, explicit_padding, output_size, pair
+from reggan_ext._geometry import (IntPair, Padding, explicit_padding, output_size, pair,
+                                  positive_int)
 from reggan_ext.ops import local_regression
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -44,15 +45,14 @@ class LocalRegression(nn.Module):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        init: str = "default",
         device=None,
         dtype=None,
+        init: str = "default",
     ):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("groups", groups)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels = positive_int(in_channels, "in_channels")
+        out_channels = positive_int(out_channels, "out_channels")
+        groups = positive_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups ({groups}) must divide in_channels ({in_channels}) and "
@@ -66,11 +66,11 @@ class LocalRegression(nn.Module):
             raise ValueError("init='identity' requires in_channels == out_channels")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.input_size = pair(input_size, "input_size")
-        self.stride = pair(stride, "stride")
-        self.padding = padding if isinstance(padding, str) else pair(padding, "padding")
-        self.dilation = pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size", minimum=1)
+        self.input_size = pair(input_size, "input_size", minimum=1)
+        self.stride = pair(stride, "stride", minimum=1)
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", minimum=0)
+        self.dilation = pair(dilation, "dilation", minimum=1)
         self.groups = groups
         self.padding_mode = padding_mode
         self.init = init
@@ -111,7 +111,8 @@ class LocalRegression(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4 or tuple(input.shape[2:]) != self.input_size:
+        if input.dim() != 4 or (input.shape[1], *input.shape[2:]) != (self.in_channels,
+                                                                      *self.input_size):
             raise ValueError(
                 f"LocalRegression: expected input of shape (N, {self.in_channels}, "
                 f"{self.input_size[0]}, {self.input_size[1]}), got {tuple(input.shape)}"

@@ -107,3 +107,50 @@ def _backward(ctx, grad_output):
 torch.library.register_autograd(
     "reggan_ext::local_regression", _backward, setup_context=_setup_context
 )
+
+
+# The two backward ops are linear in each of their tensors, and each one's derivatives are the
+# other two ops, so gradients of gradients (gradient penalties, gradgradcheck) are exact to any
+# order.
+def _setup_backward_context(ctx, inputs, output):
+    grad_output, other, _, *geometry = inputs
+    ctx.save_for_backward(grad_output, other)
+    ctx.geometry = tuple(geometry)
+
+
+def _backward_of_backward_input(ctx, grad):
+    # grad_input = backward_input(grad_output, weight): grad is a gradient with respect to it.
+    grad_output, weight = ctx.saved_tensors
+    d_grad_output = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad_output = _ops.local_regression.default(grad, weight, None, *ctx.geometry)
+    if ctx.needs_input_grad[1]:
+        d_weight = _ops.local_regression_backward_weight.default(
+            grad_output, grad, weight.shape[2:4], *ctx.geometry
+        )
+    return d_grad_output, d_weight, None, None, None, None, None
+
+
+def _backward_of_backward_weight(ctx, grad):
+    # grad_weight = backward_weight(grad_output, input): grad is a gradient with respect to it.
+    grad_output, input = ctx.saved_tensors
+    d_grad_output = d_input = None
+    if ctx.needs_input_grad[0]:
+        d_grad_output = _ops.local_regression.default(input, grad, None, *ctx.geometry)
+    if ctx.needs_input_grad[1]:
+        d_input = _ops.local_regression_backward_input.default(
+            grad_output, grad, input.shape[2:], *ctx.geometry
+        )
+    return d_grad_output, d_input, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "reggan_ext::local_regression_backward_input",
+    _backward_of_backward_input,
+    setup_context=_setup_backward_context,
+)
+torch.library.register_autograd(
+    "reggan_ext::local_regression_backward_weight",
+    _backward_of_backward_weight,
+    setup_context=_setup_backward_context,
+)

@@ -210,9 +210,9 @@ class RidgeFitter:
             raise ValueError(f"RidgeFitter.{method}: x has {x.shape[0]} samples but y has "
                              f"{y.shape[0]}; they must match")
         if x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"RidgeFitter.{method}: x must be float32 or float64, got {x.dtype}")
+            raise ValueError(f"RidgeFitter.{method}: x must be float32 or float64, got {x.dtype}")
         if y.dtype != x.dtype:
-            raise TypeError(f"RidgeFitter.{method}: y has dtype {y.dtype} but x has {x.dtype}; "
+            raise ValueError(f"RidgeFitter.{method}: y has dtype {y.dtype} but x has {x.dtype}; "
                             "they must match")
         for name, t in (("x", x), ("y", y)):
             check_device_supported(t, name)
@@ -386,7 +386,7 @@ class RidgeFitter:
                 raise ValueError(f"RidgeFitter.solve: a lambda map must have shape {shape} "
                                  f"(groups, H_out, W_out), got {tuple(lam.shape)}")
             if not lam.is_floating_point():
-                raise TypeError(f"RidgeFitter.solve: a lambda map must be a floating-point "
+                raise ValueError(f"RidgeFitter.solve: a lambda map must be a floating-point "
                                 f"tensor, got {lam.dtype}")
             # The solve has no gradient with respect to lambda (as for a number).
             lam = lam.detach().to(device=self.device, dtype=self.dtype)

@@ -135,6 +135,34 @@ def test_gradcheck(device, bias):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradgradcheck(device, bias):
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x, w = torch.randn(2, 4, 5, 6, **kw), torch.randn(4, 2, 2, 3, 5, 2, **kw)
+    inputs = (x, w, torch.randn(4, 5, 2, **kw)) if bias else (x, w)
+
+    def fn(x, w, b=None):
+        return local_regression(x, w, b, stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradient_penalty_matches_reference(device):
+    """A gradient penalty (R1, WGAN-GP) differentiates a gradient: its gradients in the input
+    and the weight equal those through the reference."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 7, dtype=torch.float64, device=device)
+    w = torch.randn(3, 1, 3, 3, 8, 7, dtype=torch.float64, device=device)
+    grads = []
+    for op in (local_regression, reference.local_regression):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = op(xi, wi, None, 1, 1, 1, 3)
+        (gx,) = torch.autograd.grad(y.tanh().sum(), xi, create_graph=True)
+        grads.append(torch.autograd.grad(gx.pow(2).sum(), (xi, wi)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
 def opcheck_samples(device):
     torch.manual_seed(0)
     samples = []
@@ -165,6 +193,12 @@ def test_opcheck_backward_ops(device):
                               (gy, w.detach(), list(x.shape[2:]), *geometry))
         torch.library.opcheck(ops.local_regression_backward_weight.default,
                               (gy, x.detach(), list(w.shape[2:4]), *geometry))
+        # With inputs that require grad, their own autograd formulas are checked too.
+        gy.requires_grad_()
+        torch.library.opcheck(ops.local_regression_backward_input.default,
+                              (gy, w, list(x.shape[2:]), *geometry))
+        torch.library.opcheck(ops.local_regression_backward_weight.default,
+                              (gy, x, list(w.shape[2:4]), *geometry))
 
 
 def test_torch_compile_fullgraph(device):
@@ -180,6 +214,55 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(y, y_eager)
     torch.testing.assert_close(gx, gx_eager)
 
+
+
+@pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
+def test_torch_compile_keeps_the_batch_dynamic(device, how):
+    """One graph serves every batch size: the fake kernels keep the batch symbolic."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LocalRegression(3, 3, 3, (10, 9), padding=1, groups=3, device=device)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True,
+                             dynamic=True if how == "dynamic" else None)
+    for n in (2, 3, 5, 4, 7):  # (dynamo specializes sizes 0 and 1 in any case)
+        x = torch.randn(n, 3, 10, 9, device=device, requires_grad=True)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 0)
+        y = compiled(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        torch.testing.assert_close(y, layer(x))
+        torch.testing.assert_close(gx, torch.autograd.grad(layer(x).square().sum(), x)[0])
+    assert counter.frame_count == 1
+
+def autocast_device_dtype(device):
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+def test_autocast_runs_in_the_widest_dtype(device):
+    """Under autocast a convolution before the layer gives reduced-precision activations; the
+    layer promotes them to its float32 weight (as if cast by hand), gradients included, and
+    leaves all-float32 calls as they are."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1, device=device)
+    layer = LocalRegression(3, 3, 3, (9, 8), padding=1, groups=3, device=device)
+    x = torch.randn(2, 3, 9, 8, device=device)
+    low = autocast_device_dtype(device)
+    with torch.autocast(device, dtype=low):
+        hidden = conv(x)
+        assert hidden.dtype == low
+        y = layer(hidden)
+        plain = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(plain, layer(x), rtol=0, atol=0)
+    (grad_weight,) = torch.autograd.grad(y.square().sum(), layer.weight)
+    by_hand = hidden.detach().float()
+    torch.testing.assert_close(y, layer(by_hand), rtol=0, atol=0)
+    torch.testing.assert_close(
+        grad_weight, torch.autograd.grad(layer(by_hand).square().sum(), layer.weight)[0],
+        rtol=0, atol=0)
 
 def test_backward_is_deterministic():
     torch.manual_seed(0)
@@ -389,6 +472,23 @@ def test_batch_zero_gradients_are_zero():
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("stride", [(10**9, 1), (1, 10**9), (10**12, 10**12)])
+def test_a_huge_stride_costs_nothing(stride):
+    """A single output row or column reads no input through its stride, so the kernels need not
+    size their scratch or loops by it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    height = 1 if stride[0] > 1 else 4
+    width = 1 if stride[1] > 1 else 3
+    w = torch.randn(2, 2, 2, 2, height, width, dtype=torch.float64, requires_grad=True)
+    got = local_regression(x, w, None, stride)
+    want = reference.local_regression(x, w, None, stride)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.sum(), (x, w))
+    for g, r in zip(grads, torch.autograd.grad(want.sum(), (x, w))):
+        torch.testing.assert_close(g, r)
+
+
 class TestBadInput:
     def call(self, x_shape=(2, 3, 8, 8), w_shape=(3, 1, 3, 3, 8, 8), b_shape=(3, 8, 8),
              stride=1, padding=1, dilation=1, groups=3, x_dtype=torch.float32,
@@ -413,9 +513,9 @@ class TestBadInput:
         (dict(padding="full"), ValueError, r"padding must be 'same', 'valid'"),
         (dict(stride=2, padding="same"), ValueError, r"padding='same' is not supported for strided"),
         (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
-        (dict(w_dtype=torch.float64), TypeError, r"weight has dtype Double but input has dtype Float"),
-        (dict(x_dtype=torch.float16, w_dtype=torch.float16), TypeError, r"CPU kernels support float32 and float64"),
-        (dict(x_dtype=torch.int64, w_dtype=torch.int64), TypeError, r"input must be a floating-point"),
+        (dict(w_dtype=torch.float64), ValueError, r"weight has dtype Double but input has dtype Float"),
+        (dict(x_dtype=torch.float16, w_dtype=torch.float16), ValueError, r"CPU kernels support float32 and float64"),
+        (dict(x_dtype=torch.int64, w_dtype=torch.int64), ValueError, r"input must be a floating-point"),
         (dict(x_shape=(2, 3, 2, 2), w_shape=(3, 1, 5, 5, 1, 1), b_shape=None, padding=0), ValueError,
          r"dilated kernel \(5x5\) is larger than the padded input \(2x2\)"),
         (dict(w_device="meta"), ValueError, r"weight is on meta but input is on cpu"),
@@ -519,6 +619,21 @@ class TestModule:
         layer = LocalRegression(3, 3, 3, (10, 10), padding=1)
         with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, 10, 10\), got \(2, 3, 10, 11\)"):
             layer(torch.zeros(2, 3, 10, 11))
+        with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, 10, 10\), got \(2, 4, 10, 10\)"):
+            layer(torch.zeros(2, 4, 10, 10))
+
+    def test_conv2d_argument_conventions(self):
+        """Sizes may be numpy or tensor integers, and the arguments come in nn.Conv2d's
+        positional order (..., bias, padding_mode, device, dtype)."""
+        import numpy as np
+
+        layer = LocalRegression(np.int64(2), 2, np.int64(3), (np.int32(9), 8), torch.tensor(1), 1,
+                                1, 1, True, "zeros", "cpu", torch.float64)
+        assert layer.weight.dtype == torch.float64 and layer.output_size == (9, 8)
+        assert all(type(v) is int for v in layer.kernel_size + layer.input_size + layer.stride)
+        x = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+        torch.testing.assert_close(local_regression(x, layer.weight, layer.bias, np.int64(1),
+                                                    (np.int64(1), 1)), layer(x))
 
     @pytest.mark.parametrize("kwargs,match", [
         (dict(groups=2), r"groups \(2\) must divide in_channels \(3\)"),
@@ -528,6 +643,15 @@ class TestModule:
         (dict(out_channels=6, init="identity"), r"init='identity' requires in_channels == out_channels"),
         (dict(kernel_size=12), r"dilated kernel \(12\) is larger than the padded input \(10\)"),
         (dict(stride=2, padding="same"), r"padding='same' is not supported for strided"),
+        (dict(in_channels=True), r"in_channels must be a positive int, got True"),
+        (dict(stride=0), r"stride must be >= 1, got 0"),
+        (dict(stride=-1), r"stride must be >= 1, got -1"),
+        (dict(stride=2.0), r"stride must be an int or a pair of ints, got 2.0"),
+        (dict(stride=(1, 2, 3)), r"stride must be an int or a pair of ints"),
+        (dict(kernel_size=0), r"kernel_size must be >= 1, got 0"),
+        (dict(dilation=(1, 0)), r"dilation must be >= 1, got \(1, 0\)"),
+        (dict(padding=-1), r"padding must be >= 0, got -1"),
+        (dict(input_size=-3), r"input_size must be >= 1, got -3"),
     ])
     def test_bad_arguments(self, kwargs, match):
         args = dict(in_channels=3, out_channels=3, kernel_size=3, input_size=(8, 8), padding=1)

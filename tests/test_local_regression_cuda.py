@@ -1,7 +1,7 @@
 """CUDA kernels of local_regression against the CPU kernels and the unfold reference.
 
 float64 and float32 are compared tightly; float16 and bfloat16 against an error bound (see
-`check_half_precision`). Also odd shapes, batches of 0, 1 and more than a kernel's batch tile,
+`assert_within_half_precision`). Also odd shapes, batches of 0, 1 and more than a kernel's batch tile,
 non-contiguous and channels_last inputs, determinism, 64-bit indexing, streams, gradcheck, opcheck,
 the module and torch.compile. Everything here runs wherever torch.cuda.is_available().
 """
@@ -101,21 +101,18 @@ def test_matches_cpu_and_reference(dtype, geometry):
 HALF_PRECISION_UNIT = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
-def test_half_precision(dtype, geometry):
+def assert_within_half_precision(args, results, exact):
     """float16/bfloat16 inputs are exact in float32 and so are their products; the kernels sum K
     of them in float32 (error <= K * 2**-24 * sum|terms|, under 1e-5 * sum|terms| for every K
-    here) and round the sum once to dtype (half an ulp). The reference is float64 on the same
-    rounded inputs, and sum|terms| is the reference evaluated on absolute values."""
-    args = random_arguments(geometry, dtype, "cuda")
-    cuda = run_ops(args)
-    geometry_args = args["geometry"]
-    ref = run_reference(args["x"], args["w"], args["b"], args["gy"], geometry_args)
-    bound = run_reference(args["x"].abs(), args["w"].abs(), args["b"].abs(), args["gy"].abs(),
-                          geometry_args)
+    here) and round the sum once to the dtype (half an ulp). exact(x, w, b, gy, geometry) gives
+    the three results in float64 on the same rounded inputs; on absolute values, sum|terms|."""
+    dtype = args["x"].dtype
+    ref = exact(args["x"], args["w"], args["b"], args["gy"], args["geometry"])
+    bound = exact(args["x"].abs(), args["w"].abs(), args["b"].abs(), args["gy"].abs(),
+                  args["geometry"])
     unit = HALF_PRECISION_UNIT[dtype]
-    for name, got, want, terms in zip(("forward", "grad_input", "grad_weight"), cuda, ref, bound):
+    for name, got, want, terms in zip(("forward", "grad_input", "grad_weight"), results, ref,
+                                      bound):
         assert got.dtype == dtype, name
         error = (got.cpu().double() - want).abs()
         allowed = unit * want.abs() + 1e-5 * terms + 1e-7
@@ -124,17 +121,32 @@ def test_half_precision(dtype, geometry):
             f"{(error > allowed).nonzero()[:5].tolist()}")
 
 
-def blocked_geometry(kernel, padding, width):
+def run_cpu_float64(x, w, b, gy, geometry):
+    """run_ops by the float64 CPU kernels: an exact oracle (tested against the reference) that,
+    unlike the unfold reference, needs no memory beyond its results on large grids."""
+    return run_ops({"x": x.cpu().double(), "w": w.cpu().double(), "b": b.cpu().double(),
+                    "gy": gy.cpu().double(), "geometry": geometry})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_half_precision(dtype, geometry):
+    args = random_arguments(geometry, dtype, "cuda")
+    assert_within_half_precision(args, run_ops(args), run_reference)
+
+
+def blocked_geometry(kernel, padding, width, column_stride=1, column_dilation=1):
     """A per-channel geometry whose grids are large enough for the register-blocked kernels (at
     least SMs x 1024 threads of 4 columns, as in local_regression_kernels.cu) on this GPU."""
-    channels, height = 16, 128
-    out_w = width + 2 * padding[1] - kernel[1] + 1
+    channels, height = 16 * column_stride, 128
+    out_w = (width + 2 * padding[1] - column_dilation * (kernel[1] - 1) - 1) // column_stride + 1
     blocked = torch.cuda.get_device_properties(0).multi_processor_count * 1024
     # The forward's threads: 8 images (float32) per thread, channels * height * (out_w / 4)
     # column blocks per 8 images; backward_weight's do not depend on the batch.
     batch = 8 * -(-blocked // (channels * height * -(-out_w // 4)))
     assert channels * kernel[0] * height * -(-out_w // 4) >= blocked, "too small for this GPU"
-    return (batch, channels, channels, (height, width), kernel, (1, 1), padding, (1, 1), channels)
+    return (batch, channels, channels, (height, width), kernel, (1, column_stride), padding,
+            (1, column_dilation), channels)
 
 
 def misaligned(args):
@@ -146,19 +158,25 @@ def misaligned(args):
     return {k: shift(v) if torch.is_tensor(v) else v for k, v in args.items()}
 
 
-# Widths of whole quads (each pad_w % 4) take the quad-column kernels; 130 does not.
-BLOCKED = [((3, 3), (1, 1), 128), ((5, 5), (2, 2), 128), ((7, 7), (3, 3), 128),
-           ((3, 5), (1, 0), 132), ((3, 3), (1, 1), 130)]
+# Widths of whole quads (each pad_w % 4) take the quad-column kernels; 130 does not. The last
+# two read columns a step of 2 apart (the kernels' general column step): a column dilation, and
+# a column stride.
+BLOCKED = [((3, 3), (1, 1), 128, 1, 1), ((5, 5), (2, 2), 128, 1, 1), ((7, 7), (3, 3), 128, 1, 1),
+           ((3, 5), (1, 0), 132, 1, 1), ((3, 3), (1, 1), 130, 1, 1), ((3, 3), (1, 2), 128, 1, 2),
+           ((3, 3), (1, 1), 128, 2, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kernel,padding,width", BLOCKED,
-                         ids=[f"k{k[0]}x{k[1]}-p{p[1]}-w{w}" for k, p, w in BLOCKED])
-def test_blocked_kernels(dtype, kernel, padding, width):
-    """The register-blocked kernels of large grids against the CPU (float64, float32), and with
-    aligned tensors (quad columns where the widths allow) against misaligned copies (scalar
-    loads): the same sums in the same order, so equal bit for bit in every dtype."""
-    args = random_arguments(blocked_geometry(kernel, padding, width), dtype, "cuda")
+@pytest.mark.parametrize("kernel,padding,width,column_stride,column_dilation", BLOCKED,
+                         ids=[f"k{k[0]}x{k[1]}-p{p[1]}-w{w}-s{s}-d{d}"
+                              for k, p, w, s, d in BLOCKED])
+def test_blocked_kernels(dtype, kernel, padding, width, column_stride, column_dilation):
+    """The register-blocked kernels of large grids against the CPU (float64, float32) or within
+    the half-precision bound (float16, bfloat16), and with aligned tensors (quad columns where
+    the widths allow) against misaligned copies (scalar loads): the same sums in the same
+    order, so equal bit for bit in every dtype."""
+    geometry = blocked_geometry(kernel, padding, width, column_stride, column_dilation)
+    args = random_arguments(geometry, dtype, "cuda")
     aligned = run_ops(args)
     shifted = run_ops(misaligned(args))
     names = ("forward", "grad_input", "grad_weight")
@@ -169,14 +187,18 @@ def test_blocked_kernels(dtype, kernel, padding, width):
         for name, got, want in zip(names, aligned, run_ops(to_cpu(args))):
             torch.testing.assert_close(got.cpu(), want, rtol=tight, atol=tight,
                                        msg=lambda m: f"{name} vs CPU: {m}")
+    else:
+        assert_within_half_precision(args, aligned, run_cpu_float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_split_batch_weight_gradient(dtype):
-    """100 images through RegGAN's 3-channel layer: backward_weight's grid alone would be small,
-    so the batch is split (into 3 ranges of at least 32 images) and the partial sums added in a
+@pytest.mark.parametrize("batch", [100, 256])
+def test_split_batch_weight_gradient(dtype, batch):
+    """Batches through RegGAN's 3-channel layer: backward_weight's grid alone would be small,
+    so the batch is split (100 images into 3 ranges of at least 32; 256, the benchmarks' batch,
+    into enough that an H100's grid takes the 4-column kernel) and the partial sums added in a
     fixed order: deterministic, and equal to the CPU's sum within rounding."""
-    geometry = (100, 3, 3, (128, 128), (3, 3), (1, 1), (1, 1), (1, 1), 3)
+    geometry = (batch, 3, 3, (128, 128), (3, 3), (1, 1), (1, 1), (1, 1), 3)
     args = random_arguments(geometry, dtype, "cuda")
     _, _, gw = run_ops(args)
     assert torch.equal(gw, run_ops(args)[2])
@@ -184,7 +206,7 @@ def test_split_batch_weight_gradient(dtype):
     assert torch.equal(gw, shifted)
     want = run_ops(to_cpu({k: v.double() if torch.is_tensor(v) else v
                            for k, v in args.items()}))[2]
-    # Sums of 100 products of unit normals: a float32 sum is within 100 * 2**-24 * sum|terms|;
+    # Sums of N products of unit normals: a float32 sum is within N * 2**-24 * sum|terms|;
     # bfloat16 rounds it once more, half an ulp (2**-8 relative).
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(gw.cpu().double(), want, rtol=tolerance, atol=tolerance * 10)
@@ -289,7 +311,7 @@ def test_device_mismatch_is_rejected():
 def test_unsupported_dtype_is_rejected():
     x = torch.zeros(1, 1, 4, 4, device="cuda", dtype=torch.float8_e4m3fn)
     w = torch.zeros(1, 1, 3, 3, 2, 2, device="cuda", dtype=torch.float8_e4m3fn)
-    with pytest.raises(TypeError, match="CUDA kernels support float32, float64, float16 and bf"):
+    with pytest.raises(ValueError, match="CUDA kernels support float32, float64, float16 and bf"):
         ops.local_regression(x, w, None, [1, 1], [0, 0], [1, 1], 1)
 
 

@@ -648,8 +648,12 @@ def random_systems(groups, d, og, h, w, dtype, device, seed=0):
     return [t.to(dtype=dtype, device=device) for t in (gram, cross, lam)]
 
 
+# 160 unknowns are more than the CUDA kernels factor in shared memory (106 in float64, 152 in
+# float32): their thread-per-system kernels factor them in global memory. (One such system: the
+# LAPACK of torch's reference can hang factoring several that large in parallel.)
 @pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 1), (2, 5, 3, 3, 7), (3, 26, 1, 4, 5),
-                                   (1, 40, 2, 1, 17), (2, 9, 1, 5, 16)], ids=str)
+                                   (1, 40, 2, 1, 17), (2, 9, 1, 5, 16), (1, 160, 2, 1, 1)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("penalize_last", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
@@ -665,7 +669,7 @@ def test_solve_kernel_matches_torch_linalg(sizes, dtype, penalize_last, device):
 
 
 @pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 1), (2, 5, 1, 3, 7), (3, 26, 1, 4, 5),
-                                   (1, 40, 1, 1, 17)], ids=str)
+                                   (1, 40, 1, 1, 17), (1, 160, 1, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("penalize_last", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
@@ -773,9 +777,9 @@ def test_bad_inputs_raise_clear_errors():
         fitter.update(x, y[..., :-1])
     with pytest.raises(ValueError, match="x has 4 samples but y has 3"):
         fitter.update(x, y[:3])
-    with pytest.raises(TypeError, match="y has dtype torch.float32 but x has torch.float64"):
+    with pytest.raises(ValueError, match="y has dtype torch.float32 but x has torch.float64"):
         fitter.update(x, y.float())
-    with pytest.raises(TypeError, match="x must be float32 or float64"):
+    with pytest.raises(ValueError, match="x must be float32 or float64"):
         fitter.update(x.long(), y.long())
     with pytest.raises(TypeError, match="x must be a tensor"):
         fitter.update(x.numpy(), y)
@@ -868,7 +872,7 @@ def test_lambda_arguments_of_other_types():
     weight, bias = fitter.solve(lam_map)  # no gradient flows to lambda: none is claimed
     assert not weight.requires_grad and not bias.requires_grad
     torch.testing.assert_close(weight, expected, rtol=0, atol=0)
-    with pytest.raises(TypeError, match="floating-point tensor, got torch.int64"):
+    with pytest.raises(ValueError, match="floating-point tensor, got torch.int64"):
         fitter.solve(torch.ones(2, 7, 9, dtype=torch.int64))
     with pytest.raises(ValueError, match="scope must be one of"):
         fitter.solve(0.5, scope="everything")
@@ -901,7 +905,7 @@ def test_kernel_argument_errors():
         call(bias=False)
     with pytest.raises(ValueError, match="input has 3 samples but target has 2"):
         call(target=y[:2])
-    with pytest.raises(TypeError, match="float32 statistics need float32 input"):
+    with pytest.raises(ValueError, match="float32 statistics need float32 input"):
         call(gram=stats["gram"].float(), cross=stats["cross"].float(),
              target_sq=stats["target_sq"].float())
     with pytest.raises(ValueError, match="must be contiguous"):
@@ -911,7 +915,7 @@ def test_kernel_argument_errors():
     lam = torch.ones(2, 7, 9, dtype=torch.float64)
     with pytest.raises(ValueError, match="expected lam of shape"):
         ops.ridge_solve(stats["gram"], stats["cross"], lam[:1], True)
-    with pytest.raises(TypeError, match="lam has dtype"):
+    with pytest.raises(ValueError, match="lam has dtype"):
         ops.ridge_solve(stats["gram"], stats["cross"], lam.float(), True)
     with pytest.raises(ValueError, match=r"expected gram of shape \(groups, D\*\(D\+1\)/2"):
         ops.ridge_inverse_trace(stats["gram"][:, :-1], lam, True)

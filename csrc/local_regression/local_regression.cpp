@@ -1,8 +1,10 @@
-// Schema of the local_regression ops, the argument checks every backend shares, and the Meta
-// kernels that give fake tensors (torch.compile, opcheck) their shapes through the same checks.
+// Schema of the local_regression ops, the argument checks every backend shares, the Meta
+// kernels that give fake tensors (torch.compile, opcheck) their shapes through the same checks,
+// and the forward's autocast kernels.
 #include "local_regression/local_regression.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 namespace reggan_ext {
@@ -57,30 +59,56 @@ LocalGeometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_heigh
                     ") is larger than the padded input (", padded_h, "x", padded_w, ")");
   g.out_height = (padded_h - extent_h) / g.stride_h + 1;
   g.out_width = (padded_w - extent_w) / g.stride_w + 1;
+  // A single output row or column reads no input through the stride; the kernels size their
+  // scratch and loops by it, so a stride of a million must not cost a million.
+  if (g.out_height == 1) g.stride_h = 1;
+  if (g.out_width == 1) g.stride_w = 1;
   return g;
 }
 
 namespace {
 
+// Sizes the checks read. The layer fixes every size but the batch, so reading one as an int
+// specializes nothing; the batch stays symbolic under torch.compile's dynamic shapes.
+int64_t fixed_size(const at::Tensor& t, int64_t dim) {
+  return t.sym_size(dim).guard_int(__FILE__, __LINE__);
+}
+
+// The batch as the kernels read it. Only fake tensors have a symbolic one, and the fake kernels
+// take it from sym_size(0) (with_batch) instead.
+int64_t batch_size(const at::Tensor& t) { return t.sym_size(0).maybe_as_int().value_or(0); }
+
+// shape with its first (batch) size replaced by batch.
+std::vector<c10::SymInt> with_batch(const std::vector<int64_t>& shape, const c10::SymInt& batch) {
+  std::vector<c10::SymInt> result(shape.begin(), shape.end());
+  result[0] = batch;
+  return result;
+}
+
 void check_floating(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "local_regression: ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "local_regression: ", name,
+                    " must be a floating-point tensor, got ", t.scalar_type());
 }
 
 void check_same_dtype_device(const char* name, const at::Tensor& t, const char* ref_name,
                              const at::Tensor& ref) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "local_regression: ", name,
-                   " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
-                   ref.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), "local_regression: ", name,
+                    " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
+                    ref.scalar_type(), "; they must match");
   TORCH_CHECK_VALUE(t.device() == ref.device(), "local_regression: ", name, " is on ",
                     t.device(), " but ", ref_name, " is on ", ref.device(),
                     "; they must be on the same device");
 }
 
-void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected,
+void check_shape(const char* name, const at::Tensor& t, c10::SymIntArrayRef expected,
                  const char* layout) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, "local_regression: expected ", name, " of shape ",
-                    layout, " = ", expected, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sym_sizes() == expected, "local_regression: expected ", name, " of shape ",
+                    layout, " = ", expected, ", got ", t.sym_sizes());
+}
+
+void check_shape(const char* name, const at::Tensor& t, const std::vector<int64_t>& expected,
+                 const char* layout) {
+  check_shape(name, t, c10::fromIntArrayRefSlow(expected), layout);
 }
 
 void check_rank(const char* name, const at::Tensor& t, int64_t rank, const char* layout) {
@@ -115,13 +143,15 @@ LocalGeometry check_forward_args(const at::Tensor& input, const at::Tensor& weig
   check_rank("weight", weight, 6, kWeightLayout);
   check_floating("input", input);
   check_same_dtype_device("weight", weight, "input", input);
-  const LocalGeometry g = make_geometry(input.size(0), input.size(1), input.size(2),
-                                        input.size(3), weight.size(0), weight.size(2),
-                                        weight.size(3), stride, padding, dilation, groups);
+  const LocalGeometry g = make_geometry(
+      batch_size(input), fixed_size(input, 1), fixed_size(input, 2), fixed_size(input, 3),
+      fixed_size(weight, 0), fixed_size(weight, 2), fixed_size(weight, 3), stride, padding,
+      dilation, groups);
   check_shape("weight", weight, weight_shape(g), kWeightLayout);
   if (bias.has_value()) {
     check_same_dtype_device("bias", *bias, "input", input);
-    check_shape("bias", *bias, {g.out_channels, g.out_height, g.out_width}, kBiasLayout);
+    check_shape("bias", *bias, std::vector<int64_t>{g.out_channels, g.out_height, g.out_width},
+                kBiasLayout);
   }
   return g;
 }
@@ -137,10 +167,12 @@ LocalGeometry check_backward_input_args(const at::Tensor& grad_output, const at:
   TORCH_CHECK_VALUE(input_size.size() == 2, "local_regression: input_size must be (H, W), got ",
                     input_size);
   const LocalGeometry g = make_geometry(
-      grad_output.size(0), weight.size(1) * groups, input_size[0], input_size[1],
-      weight.size(0), weight.size(2), weight.size(3), stride, padding, dilation, groups);
+      batch_size(grad_output), fixed_size(weight, 1) * groups, input_size[0], input_size[1],
+      fixed_size(weight, 0), fixed_size(weight, 2), fixed_size(weight, 3), stride, padding,
+      dilation, groups);
   check_shape("weight", weight, weight_shape(g), kWeightLayout);
-  check_shape("grad_output", grad_output, output_shape(g), kOutputLayout);
+  check_shape("grad_output", grad_output, with_batch(output_shape(g), grad_output.sym_size(0)),
+              kOutputLayout);
   return g;
 }
 
@@ -154,10 +186,12 @@ LocalGeometry check_backward_weight_args(const at::Tensor& grad_output, const at
   check_same_dtype_device("grad_output", grad_output, "input", input);
   TORCH_CHECK_VALUE(kernel_size.size() == 2,
                     "local_regression: kernel_size must be (kH, kW), got ", kernel_size);
-  const LocalGeometry g = make_geometry(input.size(0), input.size(1), input.size(2),
-                                        input.size(3), grad_output.size(1), kernel_size[0],
-                                        kernel_size[1], stride, padding, dilation, groups);
-  check_shape("grad_output", grad_output, output_shape(g), kOutputLayout);
+  const LocalGeometry g = make_geometry(
+      batch_size(input), fixed_size(input, 1), fixed_size(input, 2), fixed_size(input, 3),
+      fixed_size(grad_output, 1), kernel_size[0], kernel_size[1], stride, padding, dilation,
+      groups);
+  check_shape("grad_output", grad_output, with_batch(output_shape(g), input.sym_size(0)),
+              kOutputLayout);
   return g;
 }
 
@@ -167,7 +201,7 @@ at::Tensor forward_meta(const at::Tensor& input, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const LocalGeometry g = check_forward_args(input, weight, bias, stride, padding, dilation, groups);
-  return at::empty(output_shape(g), input.options());
+  return at::empty_symint(with_batch(output_shape(g), input.sym_size(0)), input.options());
 }
 
 at::Tensor backward_input_meta(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -176,7 +210,8 @@ at::Tensor backward_input_meta(const at::Tensor& grad_output, const at::Tensor& 
                                int64_t groups) {
   const LocalGeometry g = check_backward_input_args(grad_output, weight, input_size, stride,
                                                     padding, dilation, groups);
-  return at::empty(input_shape(g), grad_output.options());
+  return at::empty_symint(with_batch(input_shape(g), grad_output.sym_size(0)),
+                          grad_output.options());
 }
 
 at::Tensor backward_weight_meta(const at::Tensor& grad_output, const at::Tensor& input,
@@ -186,6 +221,31 @@ at::Tensor backward_weight_meta(const at::Tensor& grad_output, const at::Tensor&
   const LocalGeometry g = check_backward_weight_args(grad_output, input, kernel_size, stride,
                                                      padding, dilation, groups);
   return at::empty(weight_shape(g), input.options());
+}
+
+// Under autocast, a layer's float32 weight meets the reduced-precision outputs of the ops before
+// it. The forward runs in the widest floating dtype of its tensors (autocast's "promote"
+// policy): casting the weight down would read and write all of it at every step, more traffic
+// than the op itself.
+template <c10::DispatchKey kAutocast>
+at::Tensor forward_autocast(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocast);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("reggan_ext::local_regression", "")
+                             .typed<decltype(forward_meta)>();
+  const bool floating = at::isFloatingType(input.scalar_type()) &&
+                        at::isFloatingType(weight.scalar_type()) &&
+                        (!bias.has_value() || at::isFloatingType(bias->scalar_type()));
+  if (!floating) {  // left to the checks' errors
+    return op.call(input, weight, bias, stride, padding, dilation, groups);
+  }
+  at::ScalarType type = c10::promoteTypes(input.scalar_type(), weight.scalar_type());
+  if (bias.has_value()) type = c10::promoteTypes(type, bias->scalar_type());
+  const std::optional<at::Tensor> cast_bias =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(type)) : std::nullopt;
+  return op.call(input.to(type), weight.to(type), cast_bias, stride, padding, dilation, groups);
 }
 
 }  // namespace
@@ -206,6 +266,14 @@ TORCH_LIBRARY_IMPL(reggan_ext, Meta, m) {
   m.impl("local_regression", &forward_meta);
   m.impl("local_regression_backward_input", &backward_input_meta);
   m.impl("local_regression_backward_weight", &backward_weight_meta);
+}
+
+TORCH_LIBRARY_IMPL(reggan_ext, AutocastCPU, m) {
+  m.impl("local_regression", &forward_autocast<c10::DispatchKey::AutocastCPU>);
+}
+
+TORCH_LIBRARY_IMPL(reggan_ext, AutocastCUDA, m) {
+  m.impl("local_regression", &forward_autocast<c10::DispatchKey::AutocastCUDA>);
 }
 
 }  // namespace reggan_ext

@@ -16,8 +16,8 @@ LocalGeometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_heigh
                             int64_t kernel_w, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups);
 
-// Checks the forward arguments and returns their geometry; throws ValueError/TypeError that name
-// the offending argument.
+// Checks the forward arguments and returns their geometry; throws ValueErrors (for a wrong dtype
+// too) that name the offending argument.
 LocalGeometry check_forward_args(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation,

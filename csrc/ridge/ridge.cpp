@@ -26,15 +26,15 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
 }
 
 void check_real(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ",
-                   name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ",
+                    name, " must be float32 or float64, got ", t.scalar_type());
 }
 
 void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                 const at::Tensor& ref) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
-                   t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
-                   "; they must match");
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+                    t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+                    "; they must match");
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
                     ref_name, " is on ", ref.device(), "; they must be on the same device");
 }
@@ -66,8 +66,8 @@ RidgeGeometry check_accumulate_args(const at::Tensor& gram, const at::Tensor& cr
   check_like(op, "target_sq", target_sq, "gram", gram);
   TORCH_CHECK_VALUE(gram.device() == input.device(), op, ": gram is on ", gram.device(),
                     " but input is on ", input.device(), "; they must be on the same device");
-  TORCH_CHECK_TYPE(gram.scalar_type() == at::kDouble || gram.scalar_type() == input.scalar_type(),
-                   op, ": float32 statistics need float32 input, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(gram.scalar_type() == at::kDouble || gram.scalar_type() == input.scalar_type(),
+                    op, ": float32 statistics need float32 input, got ", input.scalar_type());
   TORCH_CHECK_VALUE(target.size(0) == input.size(0), op, ": input has ", input.size(0),
                     " samples but target has ", target.size(0), "; they must match");
   TORCH_CHECK_VALUE(kernel_size.size() == 2, op, ": kernel_size must be (kH, kW), got ",

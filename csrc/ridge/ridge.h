@@ -8,7 +8,7 @@
 namespace reggan_ext {
 
 // Checks the arguments of ridge_accumulate_ and returns the geometry of the update; throws
-// ValueError/TypeError that name the offending argument.
+// ValueErrors (for a wrong dtype too) that name the offending argument.
 RidgeGeometry check_accumulate_args(const at::Tensor& gram, const at::Tensor& cross,
                                     const at::Tensor& target_sq, const at::Tensor& input,
                                     const at::Tensor& target, at::IntArrayRef kernel_size,

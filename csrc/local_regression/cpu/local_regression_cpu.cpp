@@ -158,9 +158,9 @@ void backward_input_strided(const scalar_t* grad_y, const scalar_t* w, scalar_t*
 }
 
 void check_cpu_dtype(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                   "local_regression: the CPU kernels support float32 and float64 ", name,
-                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                    "local_regression: the CPU kernels support float32 and float64 ", name,
+                    ", got ", t.scalar_type());
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,

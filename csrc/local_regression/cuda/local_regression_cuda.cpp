@@ -42,10 +42,10 @@ typename CudaScalar<scalar_t>::type* cuda_mutable_data(at::Tensor& t) {
 
 void check_cuda_dtype(const char* name, const at::Tensor& t) {
   const at::ScalarType type = t.scalar_type();
-  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
                        type == at::kBFloat16,
-                   "local_regression: the CUDA kernels support float32, float64, float16 and "
-                   "bfloat16 ", name, ", got ", type);
+                    "local_regression: the CUDA kernels support float32, float64, float16 and "
+                    "bfloat16 ", name, ", got ", type);
 }
 
 void check_launch(cudaError_t error, const char* op) {

@@ -21,7 +21,8 @@ void check_launch(cudaError_t error, const char* op) {
   TORCH_CHECK(error == cudaSuccess, op, ": launching the CUDA kernel failed: ",
               cudaGetErrorName(error), ": ", cudaGetErrorString(error),
               error == cudaErrorInvalidConfiguration
-                  ? " (more groups, or a longer design row, than one grid can hold)"
+                  ? " (more groups, or a longer design row, than one grid can hold; the CPU "
+                    "kernels have no such limit)"
                   : "");
 }
 
