@@ -276,6 +276,19 @@ def test_nan_propagates():
     assert torch.isnan(gw[1]).any() and not torch.isnan(gw[[0, 2]]).any()
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4], ids=GEOMETRY_IDS[:4])
+def test_nan_weights_over_the_padding_propagate(geometry):
+    """Zero padding times a NaN weight is NaN, over padded rows as over padded columns: the
+    forward has NaN exactly where the CPU kernels (and the reference) have it."""
+    args = random_arguments(geometry, torch.float32, "cuda")
+    args["w"].view(-1)[::7] = float("nan")
+    y = run_ops(args)[0]
+    want = run_ops(to_cpu(args))[0]
+    assert torch.isnan(want).any()
+    assert torch.equal(y.isnan().cpu(), want.isnan())
+    torch.testing.assert_close(y.cpu().nan_to_num(), want.nan_to_num(), rtol=5e-5, atol=5e-5)
+
+
 def test_side_stream():
     """The kernels run on the current stream, ordered after the work that made their inputs."""
     geometry = (8, 3, 3, (128, 128), (5, 5), (1, 1), (2, 2), (1, 1), 3)

@@ -347,7 +347,20 @@ REGGAN_HD void forward_outputs(const scalar_t* __restrict__ x, const scalar_t* _
   for (index_t c = 0; c < in_per_group; ++c, channel += in_plane) {
     for (index_t u = 0; u < kernel_h; ++u, w_row += kernel_w * out_plane) {
       const index_t row = row0 + u * dilation_h;
-      if (row < 0 || row >= in_h) continue;
+      if (row < 0 || row >= in_h) {
+        // The padding's zeros add nothing unless a weight is NaN or Inf, whose product with zero
+        // is NaN: so in the reference and the CPU kernels, and here (as over padded columns).
+        for (index_t v = 0; v < kernel_w; ++v) {
+          REGGAN_UNROLL
+          for (int jj = 0; jj < kCols; ++jj) {
+            const acc_t nothing =
+                jj < columns ? to_acc(w[w_row + v * out_plane + jj]) * acc_t(0) : acc_t(0);
+            REGGAN_UNROLL
+            for (int t = 0; t < kTile; ++t) acc[t][jj] += nothing;
+          }
+        }
+        continue;
+      }
       const scalar_t* x_row = x + (channel + row * in_w);
       for (index_t v0 = 0; v0 < kernel_w; v0 += kTapColumns) {
         const index_t taps = min_index(kernel_w - v0, index_t(kTapColumns));

@@ -136,9 +136,12 @@ void expect_close(const Case& c, const char* what, const at::Tensor& got, const 
   const at::Tensor expected = want.to(at::kDouble);
   if (got.sizes() != expected.sizes()) return fail(c, what, "shape");
   if (got.numel() == 0) return;
-  const double error = (got - expected).abs().max().item<double>();
-  const double scale = 1 + expected.abs().max().item<double>();
-  // NaN (an unwritten element or a read from a guard) fails this test too.
+  // NaN where want has one, and nowhere else: an unwritten element or a read from a guard is
+  // NaN too, and fails.
+  const at::Tensor nan = expected.isnan();
+  if (!at::equal(got.isnan(), nan)) return fail(c, what, "NaN where want has none, or the reverse");
+  const double error = (got - expected).masked_fill(nan, 0).abs().max().item<double>();
+  const double scale = 1 + expected.masked_fill(nan, 0).abs().max().item<double>();
   if (!(error <= tolerance * scale)) {
     char detail[64];
     std::snprintf(detail, sizeof detail, "max error %g", error);
@@ -233,6 +236,22 @@ void check_dtype(const Case& c, const Inputs& in, at::ScalarType dtype, double t
           .call(x, w, std::nullopt, in.stride, in.padding, in.dilation, c.groups);
   expect_close(c, name("forward without bias").c_str(),
                y_nobias.tensor(y_cpu.sizes()), y_nobias_cpu, tolerance);
+
+  // Every 7th weight NaN, over the image and over the padding: NaN wherever the CPU op gives it
+  // (zero padding times NaN is NaN).
+  const at::Tensor w_nan = w.clone();
+  w_nan.view(-1).slice(0, 0, w.numel(), 7).fill_(std::numeric_limits<double>::quiet_NaN());
+  Guarded<scalar_t> gw_nan(w_nan, w_nan.numel()), y_nan(at::Tensor(), y_cpu.numel());
+  for (int64_t e = 0; e < reggan_ext::forward_threads<kCols, scalar_t>(g); ++e) {
+    reggan_ext::forward_thread<kCols, kUnitColumns, kQuads>(gx.ptr(), gw_nan.ptr(), gb.ptr(),
+                                                            y_nan.ptr(), g,
+                                                            static_cast<index_t>(e));
+  }
+  const at::Tensor y_nan_cpu = op<Forward>("reggan_ext::local_regression")
+                                   .call(x, w_nan, b, in.stride, in.padding, in.dilation,
+                                         c.groups);
+  expect_close(c, name("forward with NaN weights").c_str(), y_nan.tensor(y_cpu.sizes()),
+               y_nan_cpu, tolerance);
 }
 
 // Every output element is stored exactly once over all threads, and nothing else is stored, with
