@@ -169,6 +169,18 @@ def test_fid_end_to_end_and_missing_weights(tmp_path, inception_reference, weigh
     assert result.details == {"n_a": 2, "n_b": 2, "dim": 2048, "features": "Inception-v3 (fid weights), pool3"}
 
 
+def test_unreadable_weight_files_are_value_errors(tmp_path):
+    """What evaluate reports as a one-line --inception-weights error, never a crash."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")  # a whole pickled model
+    torch.save({"fc.weight": torch.zeros(1008, 3)}, tmp_path / "shapes.pth")
+    for name, message in (("notes.txt", "is not a state dict saved by torch.save"),
+                          ("model.pth", "a whole pickled model is never loaded"),
+                          ("shapes.pth", "does not fit Inception-v3")):
+        with pytest.raises(ValueError, match=f"inception_weights: .*{message}"):
+            load_inception(tmp_path / name)
+
+
 class _MeanFeatures(torch.nn.Module):
     """Stands in for Inception: the per-channel means of what it is given, and the batch shapes."""
 

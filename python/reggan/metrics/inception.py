@@ -205,7 +205,12 @@ def load_inception(path: Union[str, Path, None]) -> InceptionV3:
     path = Path(path)
     if not path.is_file():
         raise MetricUnavailable(f"FID: the Inception weight file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, KeyError, EOFError, RuntimeError... by content
+        raise ValueError(f"inception_weights: {path} is not a state dict saved by torch.save "
+                         f"({type(error).__name__} on loading it; a whole pickled model is never "
+                         f"loaded: save its state_dict() instead)") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise ValueError(f"inception_weights: {path} is not an Inception-v3 state dict "
                          f"(no 'fc.weight'); expected pytorch-fid's or torchvision's file")
@@ -217,7 +222,11 @@ def load_inception(path: Union[str, Path, None]) -> InceptionV3:
     model = InceptionV3(variant)
     # torchvision's file also holds the auxiliary classifier, which features never use.
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes
+        raise ValueError(f"inception_weights: {path} does not fit Inception-v3: "
+                         f"{str(error).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ValueError(f"inception_weights: {path} does not fit Inception-v3: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
