@@ -28,6 +28,7 @@ TINY = [
     # Exact resume and the gloo DDP comparison are CPU promises; CUDA has tests of its own below.
     "train.device=cpu",
 ]
+TINY_ARGS = [a for o in TINY for a in ("-o", o)]  # the same as command-line options
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -210,7 +211,10 @@ def test_nccl_two_processes_train(tmp_path, cache):
 
 @pytest.mark.parametrize("command, words", [
     ([], ["demo", "prepare", "fit", "train", "synthesize", "evaluate"]),
-    (["demo"], ["--out", "--overwrite", "train.steps", "builtin", "--refinement-run"]),
+    (["demo"], ["--out", "--overwrite", "train.steps", "builtin", "--refinement-run",
+                # every setting the demo changes
+                "model.gen_width=16", "train.steps=300", "train.preview_every=100",
+                "train.checkpoint_every=300"]),
     (["prepare"], ["--detector", "opencv", "skimage", "--size"]),
     (["fit"], ["fit.select", "gcv", "fit.lam = 0.4", "manifest"]),
     (["train"], ["--resume", "--stage1", "torchrun", "train.amp"]),
@@ -285,6 +289,9 @@ def test_synthesize(trained, tmp_path, capsys):
     assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out",
                tmp_path / "in" / "face0.png" / "out") == 1
     assert_one_line_error(capsys, "cannot write output folder", "is a file, not a folder")
+    assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out",
+               tmp_path / "out5", "--device", "tpu") == 1
+    assert_one_line_error(capsys, "--device must be auto, cpu, cuda, cuda:N or N, got 'tpu'")
     (tmp_path / "in" / "bad.png").unlink()
     assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out", out,
                "--overwrite", "--quiet") == 0
@@ -390,6 +397,22 @@ def test_user_dataset_in_flat_layout(tmp_path, capsys):
     assert list(splits) == ["heldout"]  # the subject held out of training
     assert set(splits["heldout"]["results"]["RegGAN"]["l1"]["details"]["per_expression"]) == {
         "happy", "surprised"}
+
+
+@pytest.mark.parametrize("name", ["123", "2024-01-01", "on", "null", "a #b"])
+def test_data_flag_is_the_path_typed(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("fit", "--data", name, "--out", "run", *TINY_ARGS) == 1
+    assert_one_line_error(capsys, f"dataset {name} does not exist")
+
+
+def test_device_flag_is_text(tmp_path, capsys):
+    code = cli("fit", "--device", "0", "--out", tmp_path / "run", "--quiet", *TINY_ARGS)
+    if torch.cuda.is_available():
+        assert code == 0  # cuda:0
+    else:
+        assert code == 1
+        assert_one_line_error(capsys, "train.device (--device) '0' asks for CUDA")
 
 
 def test_usage_errors_are_one_line(capsys):

@@ -248,6 +248,8 @@ def test_config_file_and_overrides(tmp_path):
     ("data.source=smile", "unknown source expression 'smile'; valid expressions are"),
     ("data.size=100", "data.size \\(100\\) must be a multiple of 8"),
     ("steps=3", "section.key"),
+    ("train.seed=99999999999999999999", "train.seed must be below 2\\*\\*63"),
+    (f"train.seed={10 ** 400}", "train.seed must be below"),
 ])
 def test_config_errors(override, message):
     with pytest.raises(RegganError, match=message):

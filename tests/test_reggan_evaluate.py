@@ -168,6 +168,8 @@ def test_bad_arguments_are_one_line_errors(runs, tmp_path, capsys):
     assert cli("evaluate", "--model", model, "--out", tmp_path / "e", "--inception-weights",
                tmp_path / "none.pth") == 1
     assert_one_line_error(capsys, "--inception-weights", "does not exist")
+    assert cli("evaluate", "--model", model, "--out", tmp_path / "e", "--device", "tpu") == 1
+    assert_one_line_error(capsys, "--device must be auto, cpu, cuda, cuda:N or N, got 'tpu'")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     assert cli("evaluate", "--model", model, "--out", tmp_path / "e", "--metrics",
                "ecs_builtin", "--expression-classifier", tmp_path / "bad.safetensors") == 1

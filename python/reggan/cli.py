@@ -100,7 +100,7 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("reggan", "regression", "refinement"),
                         help="model: full RegGAN, regression only, or GAN only (= -o model.mode=)")
     parser.add_argument("--steps", type=int, metavar="N", help="training steps (= -o train.steps=)")
-    parser.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N "
+    parser.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or N "
                                                         "(= -o train.device=)")
     parser.add_argument("--seed", type=int, help="random seed (= -o train.seed=)")
 
@@ -122,15 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "run the short version of `reggan evaluate` (every metric, 5 subjects per "
                     "split), and write demo_grid.png, samples/, evaluation/, run/ and report.md "
                     "into the output folder. Sized for about 6 minutes on an idle 2-core CPU "
-                    "with the demo's defaults (model.gen_width=16, train.steps=300, otherwise "
-                    "the config defaults below); overrides train longer or change the model.")
+                    "with the demo's defaults (model.gen_width=16, train.steps=300, "
+                    "train.preview_every=100, train.checkpoint_every=300, otherwise the config "
+                    "defaults below); overrides train longer or change the model.")
     p.add_argument("--out", default="reggan-demo", metavar="DIR",
                    help="output folder (default: reggan-demo)")
     p.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON config file")
     p.add_argument("-o", "--set", dest="overrides", metavar="KEY=VALUE", action="append",
                    default=[], help="override a config key (repeatable)")
     p.add_argument("--steps", type=int, metavar="N", help="training steps (default 300)")
-    p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or N (= cuda:N)")
     p.add_argument("--detector", default="auto", choices=("auto", "opencv", "skimage"),
                    help="face detector for the astronaut photo (default: auto)")
     p.add_argument("--refinement-run", action="store_true",
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expressions", nargs="+", metavar="NAME",
                    help="target expressions (default: all the model knows)")
     p.add_argument("--batch-size", type=int, default=16, help="faces per batch (default 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or N (= cuda:N)")
     _common(p)
 
     p = commands.add_parser(
@@ -234,20 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-subjects", type=int, metavar="N",
                    help="score only the first N subjects (or --faces images) of each split "
                         "(default: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or N (= cuda:N)")
     _common(p)
     return parser
 
 
-def _overrides(args) -> List[str]:
+def _overrides(args) -> list:
+    """-o overrides (read as YAML), then the flags' values as (key, value) as given: a path or
+    device is text, never YAML (`--data on` is the folder 'on', not true)."""
     overrides = list(args.overrides)
     for flag, key in (("data", "data.path"), ("mode", "model.mode"), ("steps", "train.steps"),
                       ("device", "train.device"), ("seed", "train.seed")):
         value = getattr(args, flag, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append((key, value))
     if getattr(args, "strict", False):
-        overrides.append("data.strict=true")
+        overrides.append(("data.strict", True))
     return overrides
 
 
@@ -276,12 +279,7 @@ def dispatch(args) -> None:
     if args.command == "demo":
         from reggan.demo import demo
 
-        overrides = list(args.overrides)
-        if args.steps is not None:
-            overrides.append(f"train.steps={args.steps}")
-        if args.device is not None:
-            overrides.append(f"train.device={args.device}")
-        demo(Path(args.out), overrides, args.config, args.overwrite, args.detector,
+        demo(Path(args.out), _overrides(args), args.config, args.overwrite, args.detector,
              progress=not args.quiet, refinement_run=args.refinement_run)
     elif args.command == "prepare":
         from reggan.io import staged_output

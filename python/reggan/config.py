@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
@@ -14,6 +14,8 @@ from reggan.errors import RegganError
 from reggan.expressions import DEFAULT_EXPRESSIONS, check_vocabulary, resolve
 
 BUILTIN = "builtin"
+# A command-line override: 'section.key=value' (the value read as YAML), or (key, value).
+Override = Union[str, Tuple[str, Any]]
 
 
 @dataclass
@@ -74,7 +76,7 @@ class TrainConfig:
     preview_every: int = 250
     checkpoint_every: int = 500
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | N
 
 
 @dataclass
@@ -211,16 +213,17 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+def apply_overrides(config: Config, overrides: Iterable[Override]) -> Config:
+    """`overrides`: 'section.key=value' texts, or (key, value) pairs taken as they are."""
     tree: Dict[str, Dict[str, Any]] = {}
-    for text in overrides:
-        key, value = parse_override(text)
+    for override in overrides:
+        key, value = parse_override(override) if isinstance(override, str) else override
         section, name = key.split(".")
         tree.setdefault(section, {})[name] = value
     return from_dict(tree, config)
 
 
-def build(config_file: Optional[str] = None, overrides: Iterable[str] = (),
+def build(config_file: Optional[str] = None, overrides: Iterable[Override] = (),
           base: Optional[Config] = None) -> Config:
     config = base if base is not None else Config()
     if config_file:
@@ -229,7 +232,8 @@ def build(config_file: Optional[str] = None, overrides: Iterable[str] = (),
 
 
 def _positive(key: str, value, allow_zero=False):
-    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and
+                                                        not math.isfinite(value)):
         raise RegganError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -256,6 +260,8 @@ def validate(config: Config) -> Config:
     for key in ("model.gen_downsamplings", "train.steps", "fit.lam", "train.lambda_l1",
                 "train.lambda_adv", "train.lambda_cls", "train.lr_regression", "train.seed"):
         _positive(key, tree[key], allow_zero=True)
+    if config.train.seed >= 2 ** 63:  # torch's generators take 64-bit seeds
+        raise RegganError(f"train.seed must be below 2**63 = {2 ** 63}, got {config.train.seed}")
     for key in ("fit.gradient_lr", "train.lr_g", "train.lr_d"):
         _positive(key, tree[key])
     if not 0 <= data.holdout < 1:

@@ -525,7 +525,7 @@ def evaluate_into(scratch: Path, model_paths: Sequence[Path], data: Optional[str
     first subjects (or faces) of each split only; `run_labels` name the runs in the report
     (default: their paths). Returns what metrics.json holds."""
     check_metrics(metrics)
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = resolve_device(device, setting="--device") if isinstance(device, str) else device
     columns, config = resolve_columns(model_paths, device, run_labels)
     extractors = Extractors(config, device, recipe, expression_classifier, inception_weights)
     report = {"models": {c.name: c.to_dict() for c in columns},

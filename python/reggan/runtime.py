@@ -35,22 +35,32 @@ class Distributed:
             dist.barrier()
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0,
+                   setting: str = "train.device (--device)") -> torch.device:
+    """The device `name` ('auto', 'cpu', 'cuda', 'cuda:N', or N for cuda:N); errors name the
+    `setting` the user gave it with."""
+    requested = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.isdigit():
+        name = f"cuda:{name}"
+    expected = f"{setting} must be auto, cpu, cuda, cuda:N or N, got {requested!r}"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RegganError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise RegganError(expected) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RegganError(f"device {name!r} was asked for but CUDA is not available "
-                              f"(torch {torch.__version__}); use --device cpu")
+            raise RegganError(f"{setting} {requested!r} asks for CUDA, which is not available "
+                              f"(torch {torch.__version__}); use cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise RegganError(f"{setting} {requested!r} names a GPU this machine lacks (it has "
+                              f"{torch.cuda.device_count()})")
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise RegganError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise RegganError(expected)
     return device
 
 

@@ -59,7 +59,7 @@ def synthesize(model_path: Path, source: Path, out_dir: Path,
         raise RegganError(f"--batch-size must be >= 1, got {batch_size}")
     files = list_images(source)
     with staged_output(out_dir, overwrite) as scratch:
-        device = resolve_device(device)
+        device = resolve_device(device, setting="--device")
         model, config = load_model(model_path, device)
         names = resolve(expressions, model.targets, "target expression") if expressions \
             else list(model.targets)
