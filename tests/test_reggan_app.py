@@ -3,9 +3,11 @@ synthesize/evaluate/prepare/demo through the CLI, and bad inputs."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +123,64 @@ def test_existing_run_is_not_overwritten(trained):
     with pytest.raises(RegganError, match="already exists and is not empty; pass --overwrite"):
         run(tiny(), trained, progress=False)
     assert (trained / "model.safetensors").read_bytes() == before
+
+
+def stop_at(monkeypatch, when):
+    """Training stops at step `when` as on Ctrl-C (SIGTERM unwinds the same way)."""
+    from reggan.train import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, model, disc, step):
+        if step == when:
+            raise KeyboardInterrupt
+        return original(self, model, disc, step)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(tmp_path, capsys,
+                                                                    monkeypatch):
+    old = tmp_path / "old"
+    run(tiny("model.mode=regression"), old, progress=False)
+    (old / "notes.txt").write_text("mine")
+    model = (old / "model.safetensors").read_bytes()
+    # A bad --stage1, a failing fit, a stop after a checkpoint: each leaves the old run whole
+    # and no scratch folder beside it.
+    assert cli("train", "--out", old, "--overwrite", "--stage1", tmp_path / "none", "--quiet",
+               *TINY_ARGS) == 1
+    assert_one_line_error(capsys, "none does not exist")
+    assert cli("fit", "--out", old, "--overwrite", "--quiet", *TINY_ARGS, "-o", "fit.lam=0") == 1
+    assert_one_line_error(capsys, "ridge fit of 'happy' failed")
+    stop_at(monkeypatch, 3)
+    assert cli("train", "--out", old, "--overwrite", "--quiet", *TINY_ARGS) == 130
+    assert "still holds the previous one" in capsys.readouterr().err
+    assert (old / "model.safetensors").read_bytes() == model
+    assert (old / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    # Replacing the current folder (or one above it) is refused, not emptied.
+    monkeypatch.chdir(old)
+    for out in (".", ".."):
+        assert cli("fit", "--out", out, "--overwrite", *TINY_ARGS) == 1
+        assert_one_line_error(capsys, "is or contains the current folder")
+    assert (old / "model.safetensors").read_bytes() == model
+
+
+def test_a_stopped_new_run_is_resumable_and_a_failed_one_leaves_nothing(tmp_path, capsys,
+                                                                        monkeypatch, trained):
+    stop_at(monkeypatch, 3)
+    assert cli("train", "--out", tmp_path / "run", "--quiet", *TINY_ARGS) == 130
+    assert "--resume" in capsys.readouterr().err  # says how to go on
+    monkeypatch.undo()
+    assert cli("train", "--out", tmp_path / "run", "--resume", "--quiet") == 0
+    a = tensors_of(trained / "checkpoints" / "step_0000004.safetensors")
+    b = tensors_of(tmp_path / "run" / "checkpoints" / "step_0000004.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    # Nothing to resume: a failed fit leaves no folder to block the retry.
+    assert cli("fit", "--out", tmp_path / "fit", "--quiet", *TINY_ARGS, "-o", "fit.lam=0") == 1
+    assert_one_line_error(capsys, "ridge fit")
+    assert not (tmp_path / "fit").exists()
+    assert cli("fit", "--out", tmp_path / "fit", "--quiet", *TINY_ARGS) == 0
 
 
 def free_port():
@@ -255,7 +315,7 @@ def assert_one_line_error(capsys, *needles):
         assert needle in lines[0], err
 
 
-def test_synthesize(trained, tmp_path, capsys):
+def test_synthesize(trained, tmp_path, capsys, monkeypatch):
     write_faces(tmp_path / "in")
     (tmp_path / "in" / "bad.png").write_bytes(b"corrupt")
     assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out",
@@ -296,6 +356,18 @@ def test_synthesize(trained, tmp_path, capsys):
     assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out", out,
                "--overwrite", "--quiet") == 0
     assert sorted(p.name for p in (out / "face0").iterdir())[0] == "angry.png"
+    # Through a symbolic link, the folder it names is replaced; the link stays.
+    (tmp_path / "link").symlink_to(out)
+    assert cli("synthesize", "--model", trained, "--input", tmp_path / "in" / "face1.png",
+               "--out", tmp_path / "link", "--overwrite", "--quiet") == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "face1").is_dir()
+    assert not (out / "face0").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.chdir(out)
+    assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out", ".",
+               "--overwrite") == 1
+    assert_one_line_error(capsys, "output folder . is or contains the current folder")
+    assert (out / "face1").is_dir()
 
 
 def test_overwrite_never_deletes_foreign_folders(trained, tmp_path, capsys):
@@ -307,6 +379,66 @@ def test_overwrite_never_deletes_foreign_folders(trained, tmp_path, capsys):
                "--overwrite") == 1
     assert_one_line_error(capsys, "not written by reggan")
     assert (mine / "thesis.txt").read_text() == "precious"
+
+
+def test_overwrite_never_replaces_the_commands_own_input(trained, tmp_path, capsys):
+    from reggan.io import MARKER
+
+    faces = tmp_path / "faces"  # a reggan output (as `reggan prepare` makes) used as input
+    write_faces(faces)
+    (faces / MARKER).touch()
+    before = sorted(faces.iterdir())
+    synthesize = ["synthesize", "--model", trained, "--input"]
+    for args in (synthesize + [faces, "--out", faces],
+                 synthesize + [faces / "face0.png", "--out", faces],
+                 synthesize + [faces, "--out", trained],  # the model
+                 ["evaluate", "--model", trained, "--faces", faces, "--out", faces],
+                 ["prepare", faces, faces],
+                 ["prepare", faces / "face1.png", faces],
+                 ["train", "--data", faces, "--out", faces, *TINY_ARGS]):
+        assert cli(*args, "--overwrite") == 1, args
+        assert_one_line_error(capsys, "is or contains")
+    assert cli(*synthesize, faces, "--out", tmp_path) == 1  # a folder above the input
+    assert_one_line_error(capsys, f"is or contains --input {faces}")
+    assert sorted(faces.iterdir()) == before
+    assert (trained / "model.safetensors").is_file()
+
+
+def test_outputs_inside_the_input_are_not_read_back(trained, tmp_path, capsys):
+    from skimage import data
+
+    faces = tmp_path / "faces"
+    write_faces(faces)
+    for _ in range(2):
+        assert cli("synthesize", "--model", trained, "--input", faces, "--out", faces / "out",
+                   "--expressions", "happy", "--overwrite", "--quiet") == 0
+    assert sorted(p.name for p in (faces / "out").iterdir()) == [
+        ".reggan-output", "face0", "face1", "face2", "grid.png"]
+    for _ in range(2):
+        assert cli("evaluate", "--model", trained, "--faces", faces, "--out", faces / "eval",
+                   "--metrics", "l1", "--overwrite", "--quiet") == 0
+        report = json.loads((faces / "eval" / "metrics.json").read_text())
+        assert report["splits"]["faces"]["subjects"] == 3  # not the outputs, nor the grid
+    photos = tmp_path / "photos"
+    (photos / "s1").mkdir(parents=True)
+    Image.fromarray(data.astronaut()).save(photos / "s1" / "neutral.jpg")
+    for _ in range(2):
+        assert cli("prepare", photos, photos / "aligned", "--detector", "skimage",
+                   "--overwrite") == 0
+    assert "not reading reggan's output folder(s)" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(photos)) for p in photos.rglob("*.png")) == [
+        "aligned/s1/neutral.png"]
+
+
+def test_inputs_differing_only_in_file_type_are_an_error(trained, tmp_path, capsys):
+    write_faces(tmp_path / "in", count=2)
+    Image.open(tmp_path / "in" / "face0.png").save(tmp_path / "in" / "face0.jpg")
+    assert cli("synthesize", "--model", trained, "--input", tmp_path / "in", "--out",
+               tmp_path / "out") == 1
+    assert_one_line_error(capsys, "face0.jpg and", "face0.png", "same output")
+    assert cli("prepare", tmp_path / "in", tmp_path / "aligned", "--detector", "skimage") == 1
+    assert_one_line_error(capsys, "face0.jpg and", "face0.png", "same output")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "aligned").exists()
 
 
 def test_evaluate(trained, tmp_path, capsys):
@@ -328,18 +460,22 @@ def test_evaluate(trained, tmp_path, capsys):
 
 
 def test_fit_then_train_from_stage1(tmp_path, capsys):
-    overrides = [a for o in TINY for a in ("-o", o)]
-    assert cli("fit", "--out", tmp_path / "fit", "--quiet", "--mode", "regression",
-               *overrides) == 0
+    assert cli("fit", "--out", tmp_path / "fit", "--quiet", *TINY_ARGS) == 0
     assert cli("train", "--out", tmp_path / "t", "--quiet", "--stage1", tmp_path / "fit",
-               "--steps", 1, *overrides) == 0
-    fitted, _ = load_model(tmp_path / "fit")
+               "--steps", 1, *TINY_ARGS) == 0
+    fitted, fit_config = load_model(tmp_path / "fit")
+    # A fit is the regression-only model, whatever model.mode says (TINY: reggan), not a
+    # RegGAN with an untrained generator.
+    assert fit_config.model.mode == "regression" and fitted.generator is None
     trained, _ = load_model(tmp_path / "t")
     for a, b in zip(fitted.regression.parameters(), trained.regression.parameters()):
         assert torch.equal(a, b)
     assert cli("train", "--out", tmp_path / "t2", "--stage1", tmp_path / "fit",
-               *overrides, "-o", "model.kernel_size=5") == 1
+               *TINY_ARGS, "-o", "model.kernel_size=5") == 1
     assert_one_line_error(capsys, "another config", "model.kernel_size is 3 there, 5 here")
+    # A resumed run keeps its own stage 1: --stage1 with --resume is an error, not ignored.
+    assert cli("train", "--out", tmp_path / "t", "--resume", "--stage1", tmp_path / "fit") == 1
+    assert_one_line_error(capsys, "--stage1 and --resume exclude each other")
 
 
 def tiny_model_regression():
@@ -385,8 +521,7 @@ def test_user_dataset_in_flat_layout(tmp_path, capsys):
     for e, name in enumerate(("neutral", "happy", "surprised")):
         for s in range(5):
             Image.fromarray(faces[e, s]).save(folder / f"S{s:02d}_{name.title()}.png")
-    overrides = [a for o in TINY for a in ("-o", o)]
-    assert cli("train", "--out", tmp_path / "run", "--data", folder, "--quiet", *overrides,
+    assert cli("train", "--out", tmp_path / "run", "--data", folder, "--quiet", *TINY_ARGS,
                "-o", "data.expressions=[neutral, happy, surprised]", "-o", "data.holdout=0.2",
                "--steps", 1) == 0
     model, config = load_model(tmp_path / "run")
@@ -399,11 +534,80 @@ def test_user_dataset_in_flat_layout(tmp_path, capsys):
         "happy", "surprised"}
 
 
+FLAT_EXPRESSIONS = ("neutral", "happy", "surprised")
+FLAT_ARGS = ["-o", "data.expressions=[neutral, happy, surprised]", "-o", "data.holdout=0.2"]
+
+
+def write_flat_dataset(folder, count=5, first=0):
+    """Subjects S<first>.. of the built-in faces as a flat dataset: S00_Happy.png..."""
+    from reggan.synthetic import render_faces
+
+    folder.mkdir(exist_ok=True)
+    faces = render_faces(first, count, size=32, expressions=FLAT_EXPRESSIONS)
+    for e, name in enumerate(FLAT_EXPRESSIONS):
+        for s in range(count):
+            Image.fromarray(faces[e, s]).save(folder / f"S{first + s:02d}_{name.title()}.png")
+
+
+def test_heldout_subjects_are_drawn_among_subjects_with_pairs(tmp_path):
+    from reggan.data import holdout_subjects
+
+    write_flat_dataset(tmp_path / "mine")
+    # The subject a draw among all five would hold out has no neutral face.
+    (unpaired,) = holdout_subjects([f"S{s:02d}" for s in range(5)], 0.2, 0)
+    (tmp_path / "mine" / f"{unpaired}_Neutral.png").unlink()
+    settings = (f"data.path={tmp_path / 'mine'}", "data.expressions=[neutral, happy, surprised]",
+                "data.holdout=0.2", "model.mode=regression")
+    run(tiny(*settings), tmp_path / "run", progress=False)
+    held = load_model(tmp_path / "run")[1].data.heldout_subjects
+    assert len(held) == 1 and held != [unpaired]
+    with pytest.raises(RegganError, match="data.heldout_subjects names 1 subject.*: nobody"):
+        run(tiny(*settings, "data.heldout_subjects=[nobody]"), tmp_path / "run2", progress=False)
+
+
+def test_a_run_records_its_data_and_evaluate_scores_its_heldout_subjects(tmp_path, capsys,
+                                                                         monkeypatch):
+    from reggan.data import holdout_subjects
+
+    data = tmp_path / "mine"
+    write_flat_dataset(data)
+    monkeypatch.chdir(tmp_path)
+    # The run inside its flat dataset: its previews are images too.
+    assert cli("train", "--data", "mine", "--out", "mine/run", "--quiet", *TINY_ARGS,
+               *FLAT_ARGS, "--steps", 1) == 0
+    saved = json.loads((data / "run" / "config.json").read_text())["data"]
+    assert saved["path"] == str(Path.cwd() / "mine") and saved["layout"] == "flat"
+    held = saved["heldout_subjects"]
+    assert len(held) == 1
+    assert cli("train", "--resume", "--out", "mine/run", "--steps", 2, "--quiet") == 0
+
+    def heldout_l1(out):
+        assert cli("evaluate", "--model", data / "run", "--out", out, "--metrics", "l1",
+                   "ecs_builtin", "--quiet") == 0
+        split = json.loads((Path(out) / "metrics.json").read_text())["splits"]["heldout"]
+        # The built-in classifier still trains for a run that lists held-out subjects.
+        assert split["results"]["RegGAN"]["ecs_builtin"]["available"]
+        return split["subjects"], split["results"]["RegGAN"]["l1"]["value"]
+
+    before = heldout_l1("eval1")
+    # A subject added later would change a fresh draw; evaluate, from another folder, scores
+    # the subjects the run held out all the same.
+    write_flat_dataset(data, count=1, first=5)
+    assert holdout_subjects([f"S{s:02d}" for s in range(6)], 0.2, 0) != held
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert heldout_l1("eval2") == before
+    for file in data.glob(f"{held[0]}_*.png"):
+        file.unlink()
+    assert cli("evaluate", "--model", data / "run", "--out", "eval3") == 1
+    assert_one_line_error(capsys, "held-out subjects", f"not in {data}: {held[0]}")
+
+
 @pytest.mark.parametrize("name", ["123", "2024-01-01", "on", "null", "a #b"])
 def test_data_flag_is_the_path_typed(name, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("fit", "--data", name, "--out", "run", *TINY_ARGS) == 1
-    assert_one_line_error(capsys, f"dataset {name} does not exist")
+    assert_one_line_error(capsys, f"dataset {Path.cwd() / name} does not exist")
 
 
 def test_device_flag_is_text(tmp_path, capsys):
@@ -424,19 +628,26 @@ def test_usage_errors_are_one_line(capsys):
     assert_one_line_error(capsys, "train.steps must be >= 0")
 
 
-def test_prepare(tmp_path, capsys):
+def test_prepare(tmp_path, capsys, monkeypatch):
     from skimage import data
 
     photos = tmp_path / "photos" / "s1"
     photos.mkdir(parents=True)
     Image.fromarray(data.astronaut()).save(photos / "neutral.jpg")
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(photos / "wall.png")
+    # Over twice Pillow's pixel limit (lowered here from 89 million): a decompression bomb to
+    # it, which is skipped like any unreadable image.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)
+    Image.fromarray(np.zeros((800, 800, 3), np.uint8)).save(photos / "huge.png")
     assert cli("prepare", tmp_path / "photos", tmp_path / "faces", "--size", 64,
                "--detector", "skimage") == 0
-    assert "no face found in 1 image(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no face found in 1 image(s)" in err
+    assert "1 image(s) could not be read" in err and "huge.png" in err
     crop = np.asarray(Image.open(tmp_path / "faces" / "s1" / "neutral.png"))
     assert crop.shape == (64, 64, 3)
     assert not (tmp_path / "faces" / "s1" / "wall.png").exists()
+    (photos / "huge.png").unlink()
     assert cli("prepare", tmp_path / "photos", tmp_path / "f2", "--strict") == 1
     assert_one_line_error(capsys, "no face found", "strict")
     assert not (tmp_path / "f2").exists()
@@ -472,11 +683,10 @@ def test_opencv_detector_finds_the_astronaut_and_her_eyes():
     assert x < lx < rx < x + w and y < min(ly, ry) < y + h / 2
 
 
-def test_demo_smoke(tmp_path):
-    overrides = [a for o in TINY for a in ("-o", o)]
+def test_demo_smoke(tmp_path, monkeypatch):
     # One held-out identity keeps the evaluation's dlib descriptors few.
     assert cli("demo", "--out", tmp_path / "demo", "--quiet", "--detector", "skimage",
-               "--refinement-run", *overrides, "-o", "data.builtin_test_identities=1") == 0
+               "--refinement-run", *TINY_ARGS, "-o", "data.builtin_test_identities=1") == 0
     out = tmp_path / "demo"
     report = (out / "report.md").read_text()
     assert "![demo grid](demo_grid.png)" in report
@@ -490,6 +700,13 @@ def test_demo_smoke(tmp_path):
     assert (out / "samples" / "astronaut_happy.png").exists()
     assert (out / "samples" / "sketch_surprised.png").exists()
     assert (out / "run" / "model.safetensors").exists()
+    # The full evaluation the report gives works as written, in the demo's folder (here on
+    # one metric and subject).
+    (command,) = re.findall(r"`(reggan evaluate [^`]*)`", report)
+    monkeypatch.chdir(out)
+    assert cli(*command.split()[1:], "--metrics", "l1", "--max-subjects", 1, "--quiet") == 0
+    assert list(json.loads((out / "evaluation" / "metrics.json").read_text())["metrics"]) == [
+        "l1"]
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -250,6 +250,7 @@ def test_config_file_and_overrides(tmp_path):
     ("steps=3", "section.key"),
     ("train.seed=99999999999999999999", "train.seed must be below 2\\*\\*63"),
     (f"train.seed={10 ** 400}", "train.seed must be below"),
+    ("data.path=''", "data.path must be 'builtin', a dataset folder or a CSV manifest"),
 ])
 def test_config_errors(override, message):
     with pytest.raises(RegganError, match=message):

@@ -13,7 +13,7 @@ from PIL import Image
 from reggan import classifier as classifiers
 from reggan.evaluate import INPUT, METRICS, REFINEMENT, REGGAN, REGRESSION, TARGET, evaluate
 from reggan.train import run
-from test_reggan_app import TINY, assert_one_line_error, cache, cli, tiny, write_faces  # noqa: F401
+from test_reggan_app import TINY_ARGS, assert_one_line_error, cache, cli, tiny, write_faces  # noqa: F401
 
 SPLITS = ["heldout", "ood/color_light", "ood/noise_jpeg", "ood/scale_rotate", "ood/sketch",
           "ood/texture_bg"]
@@ -85,8 +85,8 @@ def test_report_compares_a_run_and_its_ablations(runs, tmp_path, capsys):
 
 
 def test_derived_regression_is_the_fitted_regression_and_absences_have_reasons(runs, tmp_path):
-    assert cli("fit", "--mode", "regression", "--out", tmp_path / "fit", "--quiet",
-               *[a for o in TINY for a in ("-o", o)]) == 0
+    # A plain fit (model.mode is reggan in TINY) makes the regression-only model.
+    assert cli("fit", "--out", tmp_path / "fit", "--quiet", *TINY_ARGS) == 0
     metrics = ["l1", "psnr"]
     derived = evaluate([runs / "reggan"], tmp_path / "a", metrics=metrics, max_subjects=1)
     given = evaluate([runs / "reggan", tmp_path / "fit"], tmp_path / "b", metrics=metrics,
@@ -168,6 +168,10 @@ def test_bad_arguments_are_one_line_errors(runs, tmp_path, capsys):
     assert cli("evaluate", "--model", model, "--out", tmp_path / "e", "--inception-weights",
                tmp_path / "none.pth") == 1
     assert_one_line_error(capsys, "--inception-weights", "does not exist")
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert cli("evaluate", "--model", model, "--out", tmp_path / "e", "--metrics", "fid",
+               "--inception-weights", tmp_path / "notes.txt") == 1
+    assert_one_line_error(capsys, "--inception-weights", "is not a state dict saved by torch.save")
     assert cli("evaluate", "--model", model, "--out", tmp_path / "e", "--device", "tpu") == 1
     assert_one_line_error(capsys, "--device must be auto, cpu, cuda, cuda:N or N, got 'tpu'")
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")

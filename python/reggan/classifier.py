@@ -45,7 +45,7 @@ def builtin_classifier(config: Config, recipe: ClassifierRecipe = ClassifierReci
     cache or trained now (and cached). Raises RegganError when the run's expressions are not
     all built-in ones."""
     builtin = configs.from_dict(config.to_dict())
-    builtin.data.path = configs.BUILTIN
+    builtin.data.path, builtin.data.heldout_subjects = configs.BUILTIN, None
     path = cached_path(builtin, recipe)
     if path.is_file():
         return ExpressionClassifier.load(path).to(device)

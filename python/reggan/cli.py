@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
          "Fit one per-channel LocalRegression per target expression to the training pairs "
          "(ridge regression, lambda 0.4 on [0, 1] images by default; -o fit.select=gcv picks "
          "lambda by generalized cross-validation; -o fit.method=gradient trains it with the "
-         "ridge loss instead) and save the model. `reggan train --stage1 RUN` can start from it."),
+         "ridge loss instead) and save the model: the regression-only model "
+         "(model.mode=regression). `reggan train --stage1 RUN` can start from it."),
         ("train", "stage 1, then train the GAN refinement",
          "Fit stage 1 (or load it with --stage1), then train the generator and discriminator. "
          "Writes config.json, previews/ (input | regression | refined | target), losses.png, "
@@ -267,8 +268,6 @@ def _train(args, fit_only: bool) -> None:
             raise RegganError(f"cannot resume: {saved} does not exist")
         base = configs.from_dict(json.loads(saved.read_text()))
     config = configs.build(args.config, _overrides(args), base=base)
-    if fit_only and config.model.mode == "refinement":
-        raise RegganError("model.mode=refinement has no regression stage to fit")
     run(config, Path(args.out), overwrite=args.overwrite, resume=getattr(args, "resume", False),
         stage1=Path(args.stage1) if getattr(args, "stage1", None) else None, fit_only=fit_only,
         progress=not args.quiet)
@@ -287,7 +286,8 @@ def dispatch(args) -> None:
 
         if args.size < 8:
             raise RegganError(f"--size must be at least 8, got {args.size}")
-        with staged_output(Path(args.out), args.overwrite) as scratch:
+        with staged_output(Path(args.out), args.overwrite,
+                           inputs=[("input", Path(args.input))]) as scratch:
             written, skipped = prepare_folder(Path(args.input), scratch, args.size,
                                               args.detector, args.strict)
         log.info("wrote %d aligned face(s) to %s (%d skipped)", written, args.out, skipped)

@@ -4,6 +4,7 @@ line with dotted keys (`train.steps=200`), validated, and saved with every run."
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -20,13 +21,16 @@ Override = Union[str, Tuple[str, Any]]
 
 @dataclass
 class DataConfig:
-    path: str = BUILTIN  # 'builtin', a dataset folder or a CSV manifest
-    layout: str = "auto"  # auto | folders | flat | manifest
+    path: str = BUILTIN  # 'builtin', a dataset folder or a CSV manifest (saved absolute)
+    layout: str = "auto"  # auto | folders | flat | manifest (a run saves the one detected)
     expressions: List[str] = field(default_factory=lambda: list(DEFAULT_EXPRESSIONS))
     source: str = "neutral"  # the expression every pair starts from
     targets: Optional[List[str]] = None  # default: every expression but the source
     size: int = 128  # images are resized to size x size
     holdout: float = 0.1  # fraction of subjects held out of training (user datasets)
+    # The subjects held out (user datasets): drawn (a `holdout` fraction) when null, and saved
+    # with the run, so that evaluate scores exactly them whatever the folder holds later.
+    heldout_subjects: Optional[List[str]] = None
     flip: bool = True  # random horizontal flips of training pairs
     strict: bool = False  # unreadable or unknown files are errors instead of warnings
     builtin_identities: int = 200  # training identities of the built-in data
@@ -262,6 +266,11 @@ def validate(config: Config) -> Config:
         _positive(key, tree[key], allow_zero=True)
     if config.train.seed >= 2 ** 63:  # torch's generators take 64-bit seeds
         raise RegganError(f"train.seed must be below 2**63 = {2 ** 63}, got {config.train.seed}")
+    if not data.path.strip():
+        raise RegganError("data.path must be 'builtin', a dataset folder or a CSV manifest, "
+                          "got an empty path")
+    if data.path != BUILTIN:  # the run's data wherever it is read from later
+        data.path = os.path.abspath(os.path.expanduser(data.path))
     for key in ("fit.gradient_lr", "train.lr_g", "train.lr_d"):
         _positive(key, tree[key])
     if not 0 <= data.holdout < 1:

@@ -13,6 +13,7 @@ warning that names them, or are errors with `strict`.
 
 import csv
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from reggan.errors import RegganError
 from reggan.expressions import from_cfee_code, known_expressions, normalize
+from reggan.io import is_output
 
 log = logging.getLogger("reggan")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".gif")
 LAYOUTS = ("folders", "flat", "manifest")
+# What reading an image that cannot be used raises (UnidentifiedImageError is an OSError).
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -47,21 +51,52 @@ class Problems:
         self.strict = strict
 
     def __call__(self, problem: str, items: Sequence = ()) -> None:
-        listed = f": {_listing(items)}" if items else ""
+        listed = f": {listing(items)}" if items else ""
         if self.strict:
             raise RegganError(f"{problem}{listed} (an error under --strict)")
         log.warning("%s, skipped%s", problem, listed)
 
 
-def _listing(items: Sequence, limit: int = 5) -> str:
+def listing(items: Sequence, limit: int = 5) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
     items = [str(i) for i in items]
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def _images_in(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
+def _subject_folders(root: Path) -> List[Path]:
+    """The folders of `root`, but for reggan's outputs (a run kept inside its dataset)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_output(p))
+
+
+def list_images(source: Path, flag: str = "input") -> List[Path]:
+    """The image `source`, or every image in the folder `source` and its subfolders but for
+    reggan's outputs (an output kept inside its input is not read back in)."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise RegganError(f"{flag} {source} does not exist")
+    files, outputs = [], []
+    for folder, subfolders, names in os.walk(source):
+        folder = Path(folder)
+        outputs += [folder / name for name in subfolders if is_output(folder / name)]
+        subfolders[:] = sorted(name for name in subfolders if not is_output(folder / name))
+        files += [folder / name for name in names if _is_image(folder / name)]
+    if outputs:
+        log.info("not reading reggan's output folder(s) in %s: %s", source, listing(outputs))
+    if not files:
+        raise RegganError(f"{flag} folder {source} holds no images "
+                          f"({' '.join(IMAGE_EXTENSIONS)})")
+    return sorted(files)
 
 
 def detect_layout(path: Path) -> str:
@@ -71,7 +106,7 @@ def detect_layout(path: Path) -> str:
         raise RegganError(f"dataset {path} is a file but not a .csv manifest")
     if not path.is_dir():
         raise RegganError(f"dataset {path} does not exist")
-    if any(p.is_dir() and _images_in(p) for p in path.iterdir()):
+    if any(_images_in(p) for p in _subject_folders(path)):
         return "folders"
     if _images_in(path):
         return "flat"
@@ -105,7 +140,7 @@ def parse_flat_name(stem: str, known: Sequence[str]) -> Optional[Tuple[str, str]
 
 def _scan_folders(root: Path, known) -> Tuple[List[Record], List[Path]]:
     records, unknown = [], []
-    for subject in sorted(p for p in root.iterdir() if p.is_dir()):
+    for subject in _subject_folders(root):
         for path in _images_in(subject):
             expression = _expression_of(path.stem, known)
             if expression is None:
@@ -204,7 +239,7 @@ def scan(path, layout: str, vocabulary: Sequence[str], strict: bool) -> List[Rec
 
 def load_image(path: Path, size: Optional[int]) -> Tuple[np.ndarray, Tuple[int, int]]:
     """An image file as uint8 RGB (size, size, 3) (its own size when size is None), and its
-    original (width, height). Raises OSError/ValueError if unreadable."""
+    original (width, height). Raises one of UNREADABLE if it cannot be used."""
     with Image.open(path) as image:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -234,7 +269,7 @@ def read_images(paths: Sequence[Path], size: int,
             out.append(image)
             if original != (size, size):
                 resized.append(path)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             bad.append(f"{path} ({'missing' if isinstance(e, FileNotFoundError) else 'unreadable'})")
             out.append(None)
     if resized:
@@ -269,13 +304,18 @@ class PairedFaces:
         target = self.images[rows[:, 1]].to(device).float().div_(255)
         return source, target, rows[:, 2].to(device), self.labels[rows[:, 1]].to(device)
 
-    def first_subjects(self, count: int) -> "PairedFaces":
-        """The same data restricted to the pairs of the first `count` subjects."""
-        keep = set(self.subjects[:count])
+    def subset(self, name: str, subjects: Sequence[str]) -> "PairedFaces":
+        """The same images restricted to the pairs of `subjects`."""
+        keep = set(subjects)
         mask = torch.tensor([self.image_subjects[i] in keep for i in self.pairs[:, 0].tolist()],
                             dtype=torch.bool)
-        return PairedFaces(self.name, self.images, self.labels, self.subjects[:count],
-                           self.image_subjects, self.pairs[mask], self.vocabulary, self.targets)
+        return PairedFaces(name, self.images, self.labels,
+                           [s for s in self.subjects if s in keep], self.image_subjects,
+                           self.pairs[mask], self.vocabulary, self.targets)
+
+    def first_subjects(self, count: int) -> "PairedFaces":
+        """The same data restricted to the pairs of the first `count` subjects."""
+        return self.subset(self.name, self.subjects[:count])
 
     def sources(self) -> torch.Tensor:
         """Image indices of each subject's source face, in subject order."""
@@ -322,6 +362,10 @@ def load_paired(name: str, path, layout: str, vocabulary: Sequence[str], source:
                 subjects: Optional[Sequence[str]] = None) -> PairedFaces:
     records = scan(path, layout, vocabulary, strict)
     if subjects is not None:
+        missing = sorted(set(subjects) - {r.subject for r in records})
+        if missing:
+            raise RegganError(f"{name}: {len(missing)} subject(s) are not in {path}: "
+                              f"{listing(missing)}")
         wanted = set(subjects)
         records = [r for r in records if r.subject in wanted]
     problems = Problems(strict)

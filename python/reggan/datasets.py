@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from reggan.config import BUILTIN, Config
-from reggan.data import PairedFaces, holdout_subjects, load_paired, scan
+from reggan.data import PairedFaces, detect_layout, holdout_subjects, listing, load_paired
 from reggan.errors import RegganError
 from reggan.expressions import DEFAULT_EXPRESSIONS
 from reggan.runtime import Distributed
@@ -45,23 +45,49 @@ def _load(config: Config, name: str, path, layout: str, subjects=None) -> Paired
 
 def training_splits(config: Config, distributed: Optional[Distributed] = None,
                     with_heldout: bool = True) -> Dict[str, PairedFaces]:
-    """{'train': ..., 'heldout': ...} ('heldout' absent when there is nothing to hold out)."""
+    """{'train': ..., 'heldout': ...} ('heldout' absent when there is nothing to hold out). For
+    a user dataset, settles in `config` what a run saves: the layout detected and the held-out
+    subjects, drawn among the subjects that have pairs."""
     if config.data.path == BUILTIN:
+        if config.data.heldout_subjects is not None:
+            raise RegganError("data.heldout_subjects is for user datasets; the built-in data "
+                              "holds out identities of its own (data.builtin_test_identities)")
         root = builtin_root(config, distributed)
         splits = {"train": _load(config, "train", root / "train", "folders")}
         if with_heldout:
             splits["heldout"] = _load(config, "heldout", root / "test", "folders")
         return splits
-    records = scan(config.data.path, config.data.layout, config.data.expressions,
-                   config.data.strict)
-    subjects = sorted({r.subject for r in records})
-    held = set(holdout_subjects(subjects, config.data.holdout, config.train.seed))
-    splits = {"train": _load(config, "train", config.data.path, config.data.layout,
-                             [s for s in subjects if s not in held])}
+    d = config.data
+    if d.layout == "auto":
+        d.layout = detect_layout(Path(d.path))
+    everything = _load(config, f"dataset {d.path}", d.path, d.layout)
+    if d.heldout_subjects is None:
+        d.heldout_subjects = holdout_subjects(everything.subjects, d.holdout, config.train.seed)
+    unknown = sorted(set(d.heldout_subjects) - set(everything.subjects))
+    if unknown:
+        raise RegganError(f"data.heldout_subjects names {len(unknown)} subject(s) that "
+                          f"{d.path} has no pairs of: {listing(unknown)}")
+    held = set(d.heldout_subjects)
+    kept = [s for s in everything.subjects if s not in held]
+    if not kept:
+        raise RegganError(f"data.heldout_subjects holds out every subject of {d.path}; none is "
+                          f"left to train on")
+    splits = {"train": everything.subset("train", kept)}
     if held and with_heldout:
-        splits["heldout"] = _load(config, "heldout", config.data.path, config.data.layout,
-                                  sorted(held))
+        splits["heldout"] = everything.subset("heldout", sorted(held))
     return splits
+
+
+def heldout_split(config: Config) -> PairedFaces:
+    """The held-out subjects a run saved, from its dataset (which must still hold them)."""
+    d = config.data
+    if d.heldout_subjects is None:
+        raise RegganError("the run does not record which subjects it held out (it was made by "
+                          "an older reggan); pass --data with pairs to evaluate on")
+    if not d.heldout_subjects:
+        raise RegganError("the model's training data held no subjects out (data.holdout=0); "
+                          "pass --data with pairs to evaluate on")
+    return _load(config, "the run's held-out subjects", d.path, d.layout, d.heldout_subjects)
 
 
 def evaluation_splits(config: Config, variants=OOD_VARIANTS) -> Dict[str, PairedFaces]:

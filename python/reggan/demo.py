@@ -56,8 +56,10 @@ def _astronaut(size: int, detector: str):
     return prepare_image(data.astronaut(), make_detector(detector), size)
 
 
-def _report(config: Config, timings: Dict[str, float], results: Dict, run_name: str,
+def _report(config: Config, timings: Dict[str, float], results: Dict, runs: List[str],
             rows: List[str], stage1: Dict, refinement_run: bool) -> str:
+    """report.md; `runs`: the names of the run folders, the RegGAN run's first."""
+    run_name = runs[0]
     metrics_md = Path("evaluation") / "metrics.md"
     total = sum(timings.values())
     lines = [
@@ -83,8 +85,8 @@ def _report(config: Config, timings: Dict[str, float], results: Dict, run_name: 
               f"`reggan evaluate` on the first {EVALUATION_SUBJECTS} subjects of each split "
               f"(the expression classifier of ECS (builtin) is trained "
               f"{ClassifierRecipe().epochs} epochs on the built-in training identities, once: "
-              f"it is cached); the full report: `reggan evaluate --model {run_name} --out "
-              f"evaluation`."]
+              f"it is cached); the full report, run in this folder: `reggan evaluate --model "
+              f"{' '.join(runs)} --out evaluation --overwrite` (it replaces `evaluation/`)."]
     if not refinement_run:
         lines.append("The refinement-only ablation is not trained by default, to keep the demo "
                      "within minutes (it about doubles the training time): `reggan demo "
@@ -130,8 +132,12 @@ def demo(out_dir: Path, overrides=(), config_file=None, overwrite: bool = False,
         started = time.perf_counter()
         device = resolve_device(config.train.device)
         model, config = load_model(run_dir, device)
-        results = evaluate_into(scratch / "evaluation", runs, device=device,
-                                max_subjects=EVALUATION_SUBJECTS, run_labels=[r.name for r in runs])
+        # Staged, so that it carries the marker of reggan's outputs, which the full
+        # evaluation's --overwrite asks for.
+        with staged_output(scratch / "evaluation", False) as evaluation:
+            results = evaluate_into(evaluation, runs, device=device,
+                                    max_subjects=EVALUATION_SUBJECTS,
+                                    run_labels=[r.name for r in runs])
         timings["evaluation (held-out and OOD, all metrics)"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -167,8 +173,8 @@ def demo(out_dir: Path, overrides=(), config_file=None, overwrite: bool = False,
         stage1_file = run_dir / "stage1.json"
         stage1 = json.loads(stage1_file.read_text()) if stage1_file.exists() else {}
         write_text_atomic(scratch / "report.md",
-                          _report(config, timings, results, "run", captions, stage1,
-                                  refinement_run))
+                          _report(config, timings, results, [r.name for r in runs], captions,
+                                  stage1, refinement_run))
     log.info("demo written to %s (%.0f s); open %s", out_dir, sum(timings.values()),
              Path(out_dir) / "report.md")
     return Path(out_dir)

@@ -35,10 +35,10 @@ import torch
 from reggan import config as configs
 from reggan.classifier import ClassifierRecipe, builtin_classifier, load_classifier
 from reggan.config import BUILTIN, Config
-from reggan.data import PairedFaces, Problems, load_paired, read_images
-from reggan.datasets import evaluation_splits, training_splits
+from reggan.data import PairedFaces, Problems, list_images, load_paired, read_images
+from reggan.datasets import evaluation_splits, heldout_split
 from reggan.errors import RegganError
-from reggan.io import staged_output, to_uint8, write_text_atomic
+from reggan.io import read_checkpoint_meta, staged_output, to_uint8, write_text_atomic
 from reggan.metrics import ExpressionClassifier, MetricResult, MetricUnavailable, measure
 from reggan.metrics.expression import score_prediction
 from reggan.metrics.faces import default_detector
@@ -47,8 +47,7 @@ from reggan.metrics.identity import FaceDescriber, similarity_of_descriptors
 from reggan.metrics.paired import REGISTRY as PAIRED
 from reggan.metrics.quality import qualiclip
 from reggan.runtime import resolve_device
-from reggan.synthesize import list_images
-from reggan.train import PREVIEW_ROWS, describe_changes, load_model, preview_pairs
+from reggan.train import PREVIEW_ROWS, describe_changes, load_model, model_file, preview_pairs
 from reggan.viz import save_grid
 
 log = logging.getLogger("reggan")
@@ -175,7 +174,7 @@ class Cases:
     def from_folder(cls, folder: Path, config: Config, strict: bool,
                     max_faces: Optional[int]) -> "Cases":
         """Every face of an unpaired folder with every target expression of the model."""
-        files = list_images(folder)[:max_faces]
+        files = list_images(folder, "--faces")[:max_faces]
         images = [i for i in read_images(files, config.data.size, Problems(strict))
                   if i is not None]
         if not images:
@@ -214,11 +213,7 @@ def _splits(config: Config, data: Optional[str], strict: bool) -> Dict[str, Pair
     if data is None or data == BUILTIN and config.data.path == BUILTIN:
         if config.data.path == BUILTIN:
             return evaluation_splits(config)
-        splits = training_splits(config)
-        if "heldout" not in splits:
-            raise RegganError("the model's training data held no subjects out "
-                              "(data.holdout=0); pass --data with pairs to evaluate on")
-        return {"heldout": splits["heldout"]}
+        return {"heldout": heldout_split(config)}
     if data == BUILTIN:
         config.data.path = BUILTIN
         return evaluation_splits(config)
@@ -241,8 +236,11 @@ class Extractors:
             "inception": lambda: _inception(inception_weights, device),
         }
         self.built: Dict[str, object] = {}
-        if classifier_file is not None:  # loaded now: a bad file fails before any work
+        # Files given are loaded now: a bad one fails before any work.
+        if classifier_file is not None:
             self.built["builtin"] = load_classifier(classifier_file, device)
+        if inception_weights is not None:
+            self.built["inception"] = _inception(inception_weights, device)
 
     def __getitem__(self, name: str):
         if name not in self.built:
@@ -508,9 +506,20 @@ def evaluate(model_paths: Sequence[Path], out_dir: Path, data: Optional[str] = N
         raise RegganError("--data (pairs) and --faces (unpaired faces) exclude each other")
     if inception_weights is not None and not Path(inception_weights).is_file():
         raise RegganError(f"--inception-weights: {inception_weights} does not exist")
-    with staged_output(out_dir, overwrite) as scratch:
+    inputs = [("--model", Path(m)) for m in model_paths]
+    inputs += [("--data", Path(data) if data not in (None, BUILTIN) else None),
+               ("--faces", faces), ("--expression-classifier", expression_classifier),
+               ("--inception-weights", inception_weights)]
+    # The models' own data, which evaluate reads by default.
+    inputs += [("the --model run's data", _data_path(m)) for m in model_paths]
+    with staged_output(out_dir, overwrite, inputs=inputs) as scratch:
         return evaluate_into(scratch, model_paths, data, metrics, batch_size, device, strict,
                              max_subjects, faces, expression_classifier, inception_weights)
+
+
+def _data_path(model_path: Path) -> Optional[Path]:
+    path = read_checkpoint_meta(model_file(model_path))["config"]["data"]["path"]
+    return None if path == BUILTIN else Path(path)
 
 
 @torch.no_grad()

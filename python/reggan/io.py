@@ -3,11 +3,12 @@ checkpoints (safetensors with the config in their metadata, plus a JSON copy bes
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from reggan.errors import RegganError
 
 CHECKPOINT_FORMAT = "reggan-checkpoint-1"
+
+log = logging.getLogger("reggan")
 
 
 def _umask() -> int:
@@ -75,18 +78,37 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 MARKER = ".reggan-output"
 
 
-def check_output(path: Path, overwrite: bool, what: str = "output folder") -> Path:
-    """Fail early, before any work, if `path` cannot become this command's output: it exists and
-    is not empty (without --overwrite), was not written by reggan (which --overwrite never
-    deletes), or its parent cannot be written."""
+def is_output(folder: Path) -> bool:
+    """Whether `folder` is an output reggan wrote (a run, an evaluation...): inputs are never
+    searched inside one, so an output kept beside or inside its input is not read back in."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def check_output(path: Path, overwrite: bool, what: str = "output folder",
+                 inputs: Sequence[Tuple[str, Optional[Path]]] = ()) -> Path:
+    """Fail early, before any work, if `path` cannot become this command's output: it is, or
+    contains, the current folder or one of `inputs` ((flag, path) pairs; None is skipped), which
+    replacing it would delete; it exists and is not empty (without --overwrite), was not written
+    by reggan (which --overwrite never deletes), or its parent cannot be written. Returns the
+    path to write, the folder itself where `path` is a symbolic link to one."""
     path = Path(path)
+    if path.is_symlink() and path.is_dir():
+        path = path.resolve()  # renaming the link would move the link, not the folder
+    real = path.resolve()
+    sources = [("the current folder", Path.cwd())]
+    sources += [(f"{flag} {source}", source) for flag, source in inputs if source is not None]
+    for label, source in sources:
+        source = Path(source).resolve()
+        if source == real or real in source.parents:
+            raise RegganError(f"{what} {path} is or contains {label}, which writing the output "
+                              f"would replace; choose another {what}")
     if path.exists() and not path.is_dir():
         raise RegganError(f"{what} {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise RegganError(f"{what} {path} already exists and is not empty; pass --overwrite "
                               "to replace it, or choose another")
-        if not (path / MARKER).exists():
+        if not is_output(path):
             raise RegganError(f"{what} {path} is not empty and was not written by reggan; "
                               "refusing to replace it even with --overwrite")
     parent = path.parent if not path.is_dir() else path
@@ -100,11 +122,13 @@ def check_output(path: Path, overwrite: bool, what: str = "output folder") -> Pa
 
 
 @contextlib.contextmanager
-def staged_output(path: Path, overwrite: bool, what: str = "output folder"):
+def staged_output(path: Path, overwrite: bool, what: str = "output folder",
+                  inputs: Sequence[Tuple[str, Optional[Path]]] = (), resumable: bool = False):
     """Yield a scratch folder beside `path`; on success it replaces `path` in one rename, on
     failure it is removed. So an output is never half-written, and an old one is replaced only
-    by a complete new one."""
-    path = check_output(path, overwrite, what)
+    by a complete new one. `resumable` (a training run): a stopped run that wrote a checkpoint
+    is kept at `path` instead, to be resumed, where it replaces nothing."""
+    path = check_output(path, overwrite, what, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
@@ -119,27 +143,35 @@ def staged_output(path: Path, overwrite: bool, what: str = "output folder"):
         if old is not None:
             shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        checkpoint = resumable and find_checkpoint(scratch) is not None
+        if checkpoint and not (path.exists() and any(path.iterdir())):
+            os.chmod(scratch, _DIR_MODE)
+            os.rename(scratch, path)
+            log.warning("the unfinished run is in %s: `reggan train --resume --out %s` "
+                        "continues it", path, path)
+        else:
+            if checkpoint:
+                log.warning("the unfinished new run is discarded; %s still holds the previous "
+                            "one", path)
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
 
 
-def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
-    """A training run's folder. Runs write their files atomically as they go (checkpoints are
-    what makes a stopped run resumable), so the folder is used in place rather than staged."""
-    path = Path(path)
-    if resume:
-        if not path.is_dir():
-            raise RegganError(f"cannot resume: run folder {path} does not exist")
-        return path
-    check_output(path, overwrite, "run folder")
-    if path.exists():
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True)
-        (path / MARKER).touch()
-    except OSError as error:
-        raise RegganError(f"cannot create run folder {path}: {error.strerror}") from None
-    return path
+def mirrored_paths(files: Sequence[Path], base: Path, suffix: str) -> Dict[Path, Path]:
+    """Each input file's output path: its path relative to `base` with `suffix` instead of its
+    own. Inputs that differ only in their suffix (a.png, a.jpg) would overwrite each other's
+    outputs, so they are an error that names them."""
+    outputs = {file: Path(file).relative_to(base).with_suffix(suffix) for file in files}
+    by_output: Dict[Path, List[Path]] = {}
+    for file, output in outputs.items():
+        by_output.setdefault(output, []).append(file)
+    clashes = [group for group in by_output.values() if len(group) > 1]
+    if clashes:
+        listed = "; ".join(" and ".join(map(str, group)) for group in clashes[:3])
+        raise RegganError(f"{sum(map(len, clashes))} input images differ only in their file "
+                          f"type and would be written to the same output ({listed}); rename "
+                          f"them apart")
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from reggan.data import IMAGE_EXTENSIONS, Problems, load_image
+from reggan.data import UNREADABLE, Problems, list_images, load_image
 from reggan.errors import RegganError
-from reggan.io import save_png
+from reggan.io import mirrored_paths, save_png
 
 log = logging.getLogger("reggan")
 
@@ -133,30 +133,22 @@ def prepare_folder(source: Path, out_dir: Path, size: int, detector_name: str,
     """Aligned crops of every image under `source` (a file or a folder, searched recursively)
     into `out_dir` with the same relative paths as PNG. Returns (written, skipped)."""
     source = Path(source)
-    if source.is_file():
-        files, base = [source], source.parent
-    elif source.is_dir():
-        files = sorted(p for p in source.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        base = source
-    else:
-        raise RegganError(f"input {source} does not exist")
-    if not files:
-        raise RegganError(f"input {source} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+    files = list_images(source)
+    outputs = mirrored_paths(files, source if source.is_dir() else source.parent, ".png")
     detector = make_detector(detector_name)
     problems = Problems(strict)
     written, unreadable, faceless = 0, [], []
     for path in files:
         try:
             rgb, _ = load_image(path, None)
-        except (OSError, ValueError):
+        except UNREADABLE:
             unreadable.append(str(path))
             continue
         crop = prepare_image(rgb, detector, size)
         if crop is None:
             faceless.append(str(path))
             continue
-        save_png(out_dir / path.relative_to(base).with_suffix(".png"), crop)
+        save_png(out_dir / outputs[path], crop)
         written += 1
     if unreadable:
         problems(f"{len(unreadable)} image(s) could not be read", unreadable)

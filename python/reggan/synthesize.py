@@ -2,15 +2,15 @@
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from reggan.data import IMAGE_EXTENSIONS, Problems, read_images
+from reggan.data import Problems, list_images, read_images
 from reggan.errors import RegganError
 from reggan.expressions import resolve
-from reggan.io import save_png, staged_output, to_uint8
+from reggan.io import mirrored_paths, save_png, staged_output, to_uint8
 from reggan.runtime import resolve_device
 from reggan.train import load_model
 from reggan.viz import save_grid
@@ -19,20 +19,6 @@ log = logging.getLogger("reggan")
 
 GRID_ROWS = 16
 CHUNK = 256  # images read at once
-
-
-def list_images(source: Path) -> List[Path]:
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise RegganError(f"input folder {source} holds no images "
-                              f"({' '.join(IMAGE_EXTENSIONS)})")
-        return files
-    raise RegganError(f"input {source} does not exist")
 
 
 @torch.no_grad()
@@ -57,14 +43,16 @@ def synthesize(model_path: Path, source: Path, out_dir: Path,
     expression, plus grid.png; returns the number of faces."""
     if batch_size < 1:
         raise RegganError(f"--batch-size must be >= 1, got {batch_size}")
-    files = list_images(source)
-    with staged_output(out_dir, overwrite) as scratch:
+    files = list_images(source, "--input")
+    folders = mirrored_paths(files, Path(source) if Path(source).is_dir() else
+                             Path(source).parent, "")
+    with staged_output(out_dir, overwrite,
+                       inputs=[("--input", source), ("--model", model_path)]) as scratch:
         device = resolve_device(device, setting="--device")
         model, config = load_model(model_path, device)
         names = resolve(expressions, model.targets, "target expression") if expressions \
             else list(model.targets)
         indices = [model.targets.index(n) for n in names]
-        base = Path(source) if Path(source).is_dir() else Path(source).parent
         grid_inputs, grid_outputs, captions, done = [], [], [], 0
         # Chunks bound the memory a large folder takes.
         for start in range(0, len(files), CHUNK):
@@ -76,7 +64,7 @@ def synthesize(model_path: Path, source: Path, out_dir: Path,
             stack = torch.from_numpy(np.stack([i for _, i in kept])).permute(0, 3, 1, 2)
             outputs = transform(model, stack, indices, batch_size, device)
             for (path, image), faces in zip(kept, outputs):
-                folder = scratch / path.relative_to(base).with_suffix("")
+                folder = scratch / folders[path]
                 save_png(folder / "input.png", image)
                 for name, face in zip(names, to_uint8(faces)):
                     save_png(folder / f"{name}.png", face)

@@ -34,7 +34,7 @@ from reggan.datasets import training_splits
 from reggan.errors import RegganError
 from reggan.fit import fit_regression
 from reggan.io import (check_output, find_checkpoint, load_checkpoint, load_optimizer,
-                       optimizer_tensors, prefixed, prepare_run_dir, save_checkpoint, to_uint8,
+                       optimizer_tensors, prefixed, save_checkpoint, staged_output, to_uint8,
                        write_text_atomic)
 from reggan.models import Discriminator, RegGAN
 from reggan.runtime import Distributed, derived_seed, init_distributed, resolve_device, \
@@ -69,16 +69,23 @@ def save_model(path: Path, model: RegGAN, config: Config, step: int) -> None:
     save_checkpoint(path, tensors, model_meta(config, step))
 
 
-def load_model(path, device="cpu", config: Optional[Config] = None,
-               keys=configs.MODEL_KEYS):
-    """(model, config) from a model or training checkpoint (file or run folder). With `config`,
-    the checkpoint must have been made with the same settings of `keys`."""
+def model_file(path) -> Path:
+    """The checkpoint a model path names: the file itself, or a run folder's model (else its
+    newest checkpoint)."""
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if path.is_dir() and not file.exists():
         file = find_checkpoint(path)
         if file is None:
             raise RegganError(f"{path} holds no model.safetensors and no checkpoints/")
+    return file
+
+
+def load_model(path, device="cpu", config: Optional[Config] = None,
+               keys=configs.MODEL_KEYS):
+    """(model, config) from a model or training checkpoint (file or run folder). With `config`,
+    the checkpoint must have been made with the same settings of `keys`."""
+    file = model_file(path)
     tensors, meta = load_checkpoint(file)
     saved = configs.validate(configs.from_dict(meta["config"]))
     if config is not None:
@@ -362,34 +369,52 @@ class Trainer:
 
 def run(config: Config, run_dir: Path, overwrite: bool = False, resume: bool = False,
         stage1: Optional[Path] = None, fit_only: bool = False, progress: bool = True) -> Path:
-    """`reggan fit` (fit_only) and `reggan train`: returns the run folder."""
+    """`reggan fit` (fit_only) and `reggan train`: returns the run folder. A new run is built
+    beside `run_dir` and replaces it only once complete (a stopped one that wrote a checkpoint
+    is kept there to be resumed, unless it would replace a run)."""
+    if resume and stage1 is not None:
+        raise RegganError("--stage1 and --resume exclude each other: a resumed run goes on with "
+                          "the regression it has")
+    # A validated copy, settled below (fit's mode, the data's layout and held-out subjects).
+    config = configs.validate(configs.from_dict(config.to_dict()))
+    if fit_only:
+        if config.model.mode == "refinement":
+            raise RegganError("model.mode=refinement has no regression stage to fit")
+        config.model.mode = "regression"  # what a fit makes: its generator would be untrained
     distributed = init_distributed(config.train.device)
     try:
         if resume:
-            config = _resume_config(run_dir, config)
+            saved = _saved_config(run_dir)
         else:
-            check_output(run_dir, overwrite, "run folder")
-        # Data and models first: a bad dataset or config leaves no run folder behind.
+            data = None if config.data.path == configs.BUILTIN else Path(config.data.path)
+            inputs = [("--data", data), ("--stage1", stage1)]
+            check_output(run_dir, overwrite, "run folder", inputs)
+        # The data before any run folder: a bad dataset leaves nothing behind.
         splits = training_splits(config, distributed)
-        trainer = Trainer(config, run_dir, distributed, splits, progress)
-        if distributed.main:
-            prepare_run_dir(run_dir, overwrite, resume)
-            configs.save(config, run_dir / "config.json")
-        distributed.barrier()
         if resume:
-            checkpoint = find_checkpoint(run_dir)
-            if checkpoint is None:
-                raise RegganError(f"cannot resume: {run_dir} has no checkpoints/ yet")
-            trainer.load(checkpoint)
-            log.info("resuming %s from step %d", run_dir, trainer.state.step)
-        elif stage1 is not None:
-            trainer.load_stage1(stage1)
+            _check_resume(saved, config)
+        # Only rank 0 writes, into a staged folder; the other ranks never touch run_dir.
+        if resume or not distributed.main:
+            staging = contextlib.nullcontext(run_dir)
         else:
-            trainer.fit_stage1()
-        if not fit_only and config.model.mode != "regression" and \
-                trainer.state.step < config.train.steps:
-            trainer.train()
-        trainer.finish()
+            staging = staged_output(run_dir, overwrite, "run folder", inputs, resumable=True)
+        with staging as folder:
+            trainer = Trainer(config, folder, distributed, splits, progress)
+            if distributed.main:
+                configs.save(config, folder / "config.json")
+            if resume:
+                checkpoint = find_checkpoint(run_dir)
+                if checkpoint is None:
+                    raise RegganError(f"cannot resume: {run_dir} has no checkpoints/ yet")
+                trainer.load(checkpoint)
+                log.info("resuming %s from step %d", run_dir, trainer.state.step)
+            elif stage1 is not None:
+                trainer.load_stage1(stage1)
+            else:
+                trainer.fit_stage1()
+            if config.model.mode != "regression" and trainer.state.step < config.train.steps:
+                trainer.train()
+            trainer.finish()
         return run_dir
     finally:
         if distributed.active and torch.distributed.is_initialized():
@@ -400,17 +425,18 @@ def run(config: Config, run_dir: Path, overwrite: bool = False, resume: bool = F
             torch.distributed.destroy_process_group()
 
 
-def _resume_config(run_dir: Path, requested: Config) -> Config:
-    """`requested`, after checking that it differs from the run's saved config only in what a
-    resume may change."""
+def _saved_config(run_dir: Path) -> Config:
     saved_file = Path(run_dir) / "config.json"
     if not saved_file.is_file():
         raise RegganError(f"cannot resume: {saved_file} does not exist")
-    saved = configs.validate(configs.from_dict(json.loads(saved_file.read_text())))
+    return configs.validate(configs.from_dict(json.loads(saved_file.read_text())))
+
+
+def _check_resume(saved: Config, requested: Config) -> None:
+    """That `requested` differs from the run's saved config only in what a resume may change."""
     refused = [k for k in configs.differences(saved.to_dict(), requested.to_dict())
                if k not in configs.RESUMABLE_CHANGES]
     if refused:
         raise RegganError(f"cannot resume with a different config: "
                           f"{describe_changes(refused, saved, requested)} (a resume may change "
                           f"only {', '.join(configs.RESUMABLE_CHANGES)})")
-    return requested
