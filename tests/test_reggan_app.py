@@ -476,6 +476,8 @@ def test_fit_then_train_from_stage1(tmp_path, capsys):
     # A resumed run keeps its own stage 1: --stage1 with --resume is an error, not ignored.
     assert cli("train", "--out", tmp_path / "t", "--resume", "--stage1", tmp_path / "fit") == 1
     assert_one_line_error(capsys, "--stage1 and --resume exclude each other")
+    assert cli("train", "--out", tmp_path / "t", "--resume", "--overwrite") == 1
+    assert_one_line_error(capsys, "--overwrite and --resume exclude each other")
 
 
 def tiny_model_regression():

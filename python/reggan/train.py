@@ -375,6 +375,9 @@ def run(config: Config, run_dir: Path, overwrite: bool = False, resume: bool = F
     if resume and stage1 is not None:
         raise RegganError("--stage1 and --resume exclude each other: a resumed run goes on with "
                           "the regression it has")
+    if resume and overwrite:
+        raise RegganError("--overwrite and --resume exclude each other: a resumed run goes on in "
+                          "its folder, which --overwrite would replace")
     # A validated copy, settled below (fit's mode, the data's layout and held-out subjects).
     config = configs.validate(configs.from_dict(config.to_dict()))
     if fit_only:
