@@ -68,7 +68,8 @@ def test_solve(benchmark, method, dtype, device):
     fitter = RidgeFitter(layer, dtype=dtype).update(x, y)
     stats = fitter.statistics
     if method == "ours":
-        lam_map = torch.full(stats["target_sq"].shape, LAM, dtype=dtype, device=device)
+        lam_map = torch.full((layer.groups, *layer.output_size), LAM, dtype=dtype,
+                             device=device)
         fn = lambda: torch.ops.reggan_ext.ridge_solve(  # noqa: E731
             stats["gram"], stats["cross"], lam_map, True)
     else:
@@ -77,6 +78,8 @@ def test_solve(benchmark, method, dtype, device):
         d = fitter.unknowns
         eye = torch.eye(d, dtype=dtype, device=device)
         full = _unpack(stats["gram"].flatten(2), d) + LAM * eye
-        rhs = stats["cross"].flatten(2).transpose(1, 2).unsqueeze(-1).contiguous()
+        # (groups, pixels, D, outputs per group): a group's outputs share its Gram.
+        rhs = stats["cross"].reshape(layer.groups, -1, d, full.shape[1]).permute(0, 3, 2, 1)
+        rhs = rhs.contiguous()
         fn = lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky(full))  # noqa: E731
     run(benchmark, fn, device)

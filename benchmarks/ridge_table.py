@@ -16,7 +16,8 @@ RGB fitted per channel (--channels C_IN C_OUT GROUPS, 3 3 3):
     turns;
   - the batched solve (the ridge_solve op) against torch.linalg.cholesky + cholesky_solve on the
     same systems;
-  - the memory of the statistics against the unfolded copy of the data the reference makes.
+  - the memory of the statistics against an unfolded copy of all N inputs in float32 (the
+    reference unfolds chunks of 32 samples in float64).
 """
 
 import argparse
@@ -41,13 +42,15 @@ def elapsed(fn, device):
     return time.perf_counter() - start
 
 
-def interleaved(fns, device, rounds=3, once=()):
+def interleaved(fns, device, rounds=3, once=None):
     """Best wall time of each of fns (name -> function), running them in turn for `rounds`
-    rounds (those named in `once` in the first round only, without warm-up), so that a change
-    in the machine's load hits every contender alike."""
+    rounds, so that a change in the machine's load hits every contender alike. Each is warmed
+    up first: those in `once` (name -> a cheap warm-up, such as the same call on a few
+    samples, which loads the libraries it calls: cuBLAS, cuSOLVER) are timed in the first
+    round only."""
+    once = once or {}
     for name, fn in fns.items():
-        if name not in once:
-            fn()
+        once.get(name, fn)()
     best = {}
     for round_ in range(rounds):
         for name, fn in fns.items():
@@ -150,7 +153,7 @@ def main():
         fit = interleaved({"ours": lambda: ours_fit(layer, x, y),
                            "ours32": lambda: ours_fit(layer, x, y, torch.float32),
                            "reference": lambda: reference(layer, x, y)},
-                          device, once=("reference",))
+                          device, once={"reference": lambda: reference(layer, x[:2], y[:2])})
         per_pixel = numpy_per_pixel_seconds(layer, x, y) * systems(layer)
         # The statistics exist already: time the accumulation alone, against sgemm.
         fitter, fitter32 = RidgeFitter(layer), RidgeFitter(layer, dtype=torch.float32)

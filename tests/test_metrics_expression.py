@@ -130,6 +130,7 @@ def test_images_are_normalized_to_rgb_uint8():
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
     assert rgb[..., 0].tolist() == [[0, 128], [255, 255]]
     assert as_rgb_uint8(torch.zeros(1, 4, 3, 5))[0].shape == (3, 5, 3)  # alpha dropped
+    assert np.array_equal(as_rgb_uint8(floats.bfloat16())[0], rgb)  # numpy has no bfloat16
     assert as_rgb_uint8([np.zeros((3, 5), np.uint8)])[0].shape == (3, 5, 3)  # gray repeated
     with pytest.raises(ValueError, match="images: expected a tensor"):
         as_rgb_uint8(torch.zeros(3, 8, 8))

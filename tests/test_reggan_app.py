@@ -727,3 +727,12 @@ def test_metrics_match_scikit_image():
         assert SSIM().per_image(x, y)[i].item() == pytest.approx(ssim, abs=1e-10)
         assert PSNR().per_image(x, y)[i].item() == pytest.approx(
             peak_signal_noise_ratio(b, a, data_range=1), abs=1e-10)
+
+
+def test_a_metric_with_no_images_is_an_error():
+    metric = PSNR()
+    with pytest.raises(ValueError, match="psnr: no images were scored"):
+        metric.compute()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    metric.update(None, x, x * 0.5, None)
+    assert metric.compute() == pytest.approx(float(PSNR().per_image(x, x * 0.5).mean()))

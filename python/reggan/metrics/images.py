@@ -23,7 +23,10 @@ def as_rgb_uint8(images: Images, name: str = "images") -> List[np.ndarray]:
         if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
             raise ValueError(f"{name}: expected a tensor (N, C, H, W) with C in 1, 3 or 4, got "
                              f"shape {tuple(images.shape)}")
-        items = list(images.detach().cpu().permute(0, 2, 3, 1).numpy())
+        images = images.detach().cpu()
+        if images.is_floating_point():  # numpy has no bfloat16
+            images = images.float()
+        items = list(images.permute(0, 2, 3, 1).numpy())
     elif isinstance(images, np.ndarray):
         if images.ndim not in (3, 4):
             raise ValueError(f"{name}: expected an array (N, H, W) or (N, H, W, C), got shape "

@@ -50,7 +50,9 @@ class PerImageMetric(Metric):
         self.count += scores.numel()
 
     def compute(self) -> float:
-        return self.total / self.count if self.count else float("nan")
+        if not self.count:
+            raise ValueError(f"{self.name}: no images were scored; call update first")
+        return self.total / self.count
 
 
 class L1(PerImageMetric):
