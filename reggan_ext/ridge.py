@@ -95,6 +95,11 @@ def _geometry_difference(mine: dict, theirs: dict) -> str:
                      if theirs.get(key) != value)
 
 
+def _check_scope(scope: str, method: str) -> None:
+    if scope not in _SCOPES:
+        raise ValueError(f"RidgeFitter.{method}: scope must be one of {_SCOPES}, got {scope!r}")
+
+
 class _Gathered:
     """Small batches copied side by side for one update to sum (RidgeFitter.update)."""
 
@@ -308,10 +313,8 @@ class RidgeFitter:
         if set(state) != keys:
             raise ValueError(f"RidgeFitter.load_state_dict: expected keys {sorted(keys)}, got "
                              f"{sorted(state)}")
-        if state["geometry"] != self.geometry:
-            raise ValueError("RidgeFitter.load_state_dict: the statistics are those of another "
-                             "layer geometry: "
-                             + _geometry_difference(self.geometry, state["geometry"]))
+        self._check_geometry(state["geometry"], "RidgeFitter.load_state_dict: the statistics "
+                             "are those of another layer geometry: ")
         loaded = []
         for prefix, template in expected:
             stats = {}
@@ -332,13 +335,17 @@ class RidgeFitter:
         if not isinstance(other, RidgeFitter):
             raise TypeError(f"RidgeFitter.{method}: expected a RidgeFitter, got "
                             f"{type(other).__name__}")
-        if other.geometry != self.geometry:
-            raise ValueError(f"RidgeFitter.{method}: the other fitter's layer has another "
-                             "geometry: " + _geometry_difference(self.geometry, other.geometry))
+        self._check_geometry(other.geometry, f"RidgeFitter.{method}: the other fitter's layer "
+                             "has another geometry: ")
         if other.dtype != self.dtype or other.device != self.device:
             raise ValueError(f"RidgeFitter.{method}: the other fitter has {other.dtype} "
                              f"statistics on {other.device}, this one {self.dtype} on "
                              f"{self.device}; they must match")
+
+    def _check_geometry(self, geometry: dict, message: str) -> None:
+        """Raises ValueError, message then the differences, unless geometry is the layer's."""
+        if geometry != self.geometry:
+            raise ValueError(message + _geometry_difference(self.geometry, geometry))
 
     def merge(self, other: "RidgeFitter") -> "RidgeFitter":
         """Adds another fitter's statistics (same layer geometry, dtype and device) to these.
@@ -468,9 +475,7 @@ class RidgeFitter:
         that are not finite. Weights are never NaN in silence.
         """
         if select is None:
-            if scope not in _SCOPES:
-                raise ValueError(f"RidgeFitter.solve: scope must be one of {_SCOPES}, got "
-                                 f"{scope!r}")
+            _check_scope(scope, "solve")
             lam_map = self._lambda_map(lam)
             self._check_ready()
             chosen = None
@@ -501,9 +506,8 @@ class RidgeFitter:
         if not isinstance(layer, LocalRegression):
             raise TypeError(f"RidgeFitter.fit_: layer must be a reggan_ext.LocalRegression, got "
                             f"{type(layer).__name__}")
-        if _geometry(layer) != self.geometry:
-            raise ValueError("RidgeFitter.fit_: layer must have the geometry of the fitted one: "
-                             + _geometry_difference(self.geometry, _geometry(layer)))
+        self._check_geometry(_geometry(layer), "RidgeFitter.fit_: layer must have the geometry "
+                             "of the fitted one: ")
         result = self.solve(lam, select, scope)
         with torch.no_grad():
             layer.weight.copy_(result[0])
@@ -539,9 +543,7 @@ class RidgeFitter:
         if select not in _SELECT:
             raise ValueError(f"RidgeFitter.{method}: select must be one of {_SELECT} or None, "
                              f"got {select!r}")
-        if scope not in _SCOPES:
-            raise ValueError(f"RidgeFitter.{method}: scope must be one of {_SCOPES}, got "
-                             f"{scope!r}")
+        _check_scope(scope, method)
         if getattr(candidates, "ndim", None) == 1:  # a tensor or numpy array
             candidates = candidates.tolist()
         if isinstance(candidates, str) or not isinstance(candidates, SequenceABC) or \
