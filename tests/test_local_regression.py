@@ -106,6 +106,47 @@ def random_geometry(seed):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_strided_tensors_of_every_op_match_reference(device, dtype):
+    """The forward and both backward ops with every tensor argument a strided view."""
+    torch.manual_seed(0)
+
+    def strided(*shape):  # every other element of the last dimension
+        return torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device)[..., ::2]
+
+    x, w, b, gy = (strided(3, 4, 7, 9), strided(4, 2, 3, 3, 7, 9), strided(4, 7, 9),
+                   strided(3, 4, 7, 9))
+    assert not any(t.is_contiguous() for t in (x, w, b, gy))
+    args = ([1, 1], [1, 1], [1, 1], 2)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    want = reference.local_regression(leaves[0], leaves[1], b, 1, 1, 1, 2)
+    want.backward(gy)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(ops.local_regression(x, w, b, *args), want.detach(), **tol)
+    torch.testing.assert_close(ops.local_regression_backward_input(gy, w, [7, 9], *args),
+                               leaves[0].grad, **tol)
+    torch.testing.assert_close(ops.local_regression_backward_weight(gy, x, [3, 3], *args),
+                               leaves[1].grad, **tol)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (4, 1, "same", 1), ((2, 5), 1, "same", (2, 1)), (3, 1, "valid", 1),
+    ((3, 2), (2, 1), (2, 1), 1)])
+def test_shared_weights_match_conv2d(kernel, stride, padding, dilation, padding_mode):
+    """With one kernel at every pixel the layer is nn.Conv2d: an oracle that shares no padding
+    code with the layer (the reference pads as the module does)."""
+    conv = torch.nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups=2,
+                           padding_mode=padding_mode, dtype=torch.float64)
+    layer = LocalRegression(4, 6, kernel, (9, 8), stride, padding, dilation, groups=2,
+                            padding_mode=padding_mode, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight[..., None, None].expand_as(layer.weight))
+        layer.bias.copy_(conv.bias[:, None, None].expand_as(layer.bias))
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), **TOLERANCES[torch.float64])
+
+
 @pytest.mark.parametrize("seed", range(300))
 def test_random_geometry_sweep(seed):
     g = random_geometry(seed)
@@ -523,6 +564,53 @@ class TestBadInput:
     def test_error(self, kwargs, error, match):
         with pytest.raises(error, match=match):
             self.call(**kwargs)
+
+    # The backward ops check their own arguments: torch.ops callers reach them directly.
+    @staticmethod
+    def backward_input(grad_output=(2, 3, 8, 8), weight=(3, 1, 3, 3, 8, 8), input_size=(8, 8),
+                       dtype=torch.float32, weight_dtype=torch.float32, weight_device="cpu"):
+        return ops.local_regression_backward_input(
+            torch.zeros(grad_output, dtype=dtype),
+            torch.zeros(weight, dtype=weight_dtype, device=weight_device), list(input_size),
+            [1, 1], [1, 1], [1, 1], 3)
+
+    @staticmethod
+    def backward_weight(grad_output=(2, 3, 8, 8), x=(2, 3, 8, 8), kernel_size=(3, 3), groups=3,
+                        dtype=torch.float32, x_dtype=torch.float32, grad_device="cpu"):
+        return ops.local_regression_backward_weight(
+            torch.zeros(grad_output, dtype=dtype, device=grad_device), torch.zeros(x, dtype=x_dtype),
+            list(kernel_size), [1, 1], [1, 1], [1, 1], groups)
+
+    def test_valid_backward_calls(self):
+        assert self.backward_input().shape == (2, 3, 8, 8)
+        assert self.backward_weight().shape == (3, 1, 3, 3, 8, 8)
+
+    @pytest.mark.parametrize("kwargs,match", [
+        (dict(grad_output=(3, 8, 8)), r"grad_output of shape \(N, C_out, H_out, W_out\) \(4 dim"),
+        (dict(weight=(1, 3, 3, 8, 8)), r"weight of shape \(C_out, C_in/groups, kH, kW, H_out, W_out\) \(6"),
+        (dict(grad_output=(2, 3, 8, 7)), r"grad_output of shape .* = \[2, 3, 8, 8\], got \[2, 3, 8, 7\]"),
+        (dict(input_size=(8, 8, 1)), r"input_size must be \(H, W\), got \[8, 8, 1\]"),
+        (dict(input_size=(9, 8)), r"weight of shape .* = \[3, 1, 3, 3, 9, 8\], got \[3, 1, 3, 3, 8, 8\]"),
+        (dict(weight_dtype=torch.float64), r"weight has dtype Double but grad_output has dtype Float"),
+        (dict(dtype=torch.int64, weight_dtype=torch.int64), r"grad_output must be a floating-point"),
+        (dict(weight_device="meta"), r"weight is on meta but grad_output is on cpu"),
+    ])
+    def test_backward_input_error(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            self.backward_input(**kwargs)
+
+    @pytest.mark.parametrize("kwargs,match", [
+        (dict(grad_output=(3, 8, 8)), r"grad_output of shape \(N, C_out, H_out, W_out\) \(4 dim"),
+        (dict(x=(3, 8, 8)), r"input of shape \(N, C_in, H, W\) \(4 dimensions\)"),
+        (dict(grad_output=(1, 3, 8, 8)), r"grad_output of shape .* = \[2, 3, 8, 8\], got \[1, 3, 8, 8\]"),
+        (dict(kernel_size=(3,)), r"kernel_size must be \(kH, kW\), got \[3\]"),
+        (dict(groups=2), r"groups \(2\) must divide the input channels \(3\)"),
+        (dict(x_dtype=torch.float64), r"grad_output has dtype Float but input has dtype Double"),
+        (dict(grad_device="meta"), r"grad_output is on meta but input is on cpu"),
+    ])
+    def test_backward_weight_error(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            self.backward_weight(**kwargs)
 
     def test_cuda_tensor_on_cpu_only_build(self, monkeypatch):
         class FakeCudaTensor:

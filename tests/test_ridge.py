@@ -317,17 +317,20 @@ def test_float32_statistics_within_documented_tolerance(device):
     torch.testing.assert_close(weight64, weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_and_channels_last_inputs(device):
+def test_non_contiguous_and_channels_last_inputs(device, dtype):
     layer = make_layer(cin=2, cout=4, groups=2, padding=1, device=device)
     x, y = make_data(layer, 6, device=device)
-    expected = RidgeFitter(layer).update(x, y).statistics
-    wide_x = torch.randn(6, 2, 7, 18, dtype=torch.float64, device=device)
+    x, y = x.to(dtype), y.to(dtype)
+    expected = RidgeFitter(layer, dtype=dtype).update(x, y).statistics
+    wide_x = torch.randn(6, 2, 7, 18, dtype=dtype, device=device)
     wide_x[..., ::2] = x
     for xs, ys in [(wide_x[..., ::2], y.transpose(2, 3).contiguous().transpose(2, 3)),
                    (x.contiguous(memory_format=torch.channels_last),
                     y.contiguous(memory_format=torch.channels_last))]:
-        got = RidgeFitter(layer).update(xs, ys).statistics
+        assert not xs.is_contiguous() and not ys.is_contiguous()
+        got = RidgeFitter(layer, dtype=dtype).update(xs, ys).statistics
         for key in ("gram", "cross", "target_sq"):
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
@@ -543,6 +546,7 @@ def assert_chooses_least(fitter, select, scope, expected_scores):
 def test_gcv_matches_brute_force(geometry, scope, penalize_bias):
     # Circular padding keeps every system solvable at lam = 0.
     geometry = dict(geometry, padding_mode="circular")
+    torch.manual_seed(0)  # the layer's initial weights and the noise below
     layer = make_layer(size=(5, 6), **geometry)
     x, _ = make_data(layer, 30, seed=4)
     with torch.no_grad():  # a signal the fit can find, plus noise
@@ -686,6 +690,21 @@ def test_inverse_trace_kernel_matches_torch_linalg(sizes, dtype, penalize_last, 
     assert trace.dtype == dtype and (info == 0).all()
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(trace.double(), expected.reshape(lam.shape), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_solve_kernels_take_strided_tensors(dtype, device):
+    gram, cross, lam = random_systems(2, 5, 3, 4, 7, dtype, device)
+    # The same values with the pixel dimensions transposed in memory.
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (gram, cross, lam)]
+    assert not any(t.is_contiguous() for t in strided)
+    ops = torch.ops.reggan_ext
+    for got, want in [(ops.ridge_solve(*strided, True), ops.ridge_solve(gram, cross, lam, True)),
+                      (ops.ridge_inverse_trace(strided[0], strided[2], False),
+                       ops.ridge_inverse_trace(gram, lam, False))]:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # d = 6 takes the CUDA thread-per-system kernels, 26 and 50 the warp-per-system ones.
@@ -910,7 +929,7 @@ def test_kernel_argument_errors():
              target_sq=stats["target_sq"].float())
     with pytest.raises(ValueError, match="must be contiguous"):
         call(gram=stats["gram"].transpose(2, 3).contiguous().transpose(2, 3))
-    with pytest.raises(ValueError, match="groups"):
+    with pytest.raises(ValueError, match=r"groups \(3\) must divide the input channels \(2\)"):
         call(groups=3)
     lam = torch.ones(2, 7, 9, dtype=torch.float64)
     with pytest.raises(ValueError, match="expected lam of shape"):
@@ -921,6 +940,13 @@ def test_kernel_argument_errors():
         ops.ridge_inverse_trace(stats["gram"][:, :-1], lam, True)
     with pytest.raises(ValueError, match="expected lam of shape"):
         ops.ridge_inverse_trace(stats["gram"], lam[..., :-1], True)
+    with pytest.raises(ValueError, match=r"groups of gram \(2\) must divide the output "
+                                         r"channels of cross \(1\)"):
+        ops.ridge_solve(stats["gram"], stats["cross"][:1], lam, True)
+    with pytest.raises(ValueError, match=r"expected gram of shape .* = \[2, 45, 7, 9\]"):
+        ops.ridge_solve(stats["gram"], stats["cross"][:, :-1], lam, True)
+    with pytest.raises(ValueError, match="at least one group and one unknown"):
+        ops.ridge_solve(stats["gram"][:0], stats["cross"][:0], lam[:0], True)
 
 
 # Registration -----------------------------------------------------------------------------------
