@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from reggan_ext import RidgeFitter
-from ridge_table import LAM, gram_flops, ours_fit, reference, workload
+from ridge_table import gram_flops, ours_fit, reference, solve_contenders, workload
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BATCH, SIZE = 256, 128
@@ -66,20 +66,5 @@ def test_solve(benchmark, method, dtype, device):
     benchmark.group = f"solve-k5-{device}-{str(dtype)[6:]}"
     layer, x, y = workload(5, BATCH, SIZE, device)
     fitter = RidgeFitter(layer, dtype=dtype).update(x, y)
-    stats = fitter.statistics
-    if method == "ours":
-        lam_map = torch.full((layer.groups, *layer.output_size), LAM, dtype=dtype,
-                             device=device)
-        fn = lambda: torch.ops.reggan_ext.ridge_solve(  # noqa: E731
-            stats["gram"], stats["cross"], lam_map, True)
-    else:
-        from reggan_ext.ridge import _unpack
-
-        d = fitter.unknowns
-        eye = torch.eye(d, dtype=dtype, device=device)
-        full = _unpack(stats["gram"].flatten(2), d) + LAM * eye
-        # (groups, pixels, D, outputs per group): a group's outputs share its Gram.
-        rhs = stats["cross"].reshape(layer.groups, -1, d, full.shape[1]).permute(0, 3, 2, 1)
-        rhs = rhs.contiguous()
-        fn = lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky(full))  # noqa: E731
-    run(benchmark, fn, device)
+    contenders = solve_contenders(fitter, device)
+    run(benchmark, contenders["ours" if method == "ours" else "torch.linalg"], device)

@@ -113,8 +113,9 @@ def gram_flops(layer, batch):
     return 2 * d * (d + 1) // 2 * batch * systems(layer)
 
 
-def solve_comparison(fitter, device):
-    """(our solve, torch.linalg) seconds on the fitter's systems."""
+def solve_contenders(fitter, device):
+    """The batched solve of the fitter's systems at LAM: {"ours": the ridge_solve op,
+    "torch.linalg": cholesky + cholesky_solve on the unpacked systems}."""
     stats = fitter.statistics
     gram = stats["gram"]  # (groups, D(D+1)/2, H_out, W_out)
     lam_map = torch.full((gram.shape[0], *gram.shape[2:]), LAM, dtype=fitter.dtype,
@@ -123,12 +124,17 @@ def solve_comparison(fitter, device):
     eye = torch.eye(d, dtype=fitter.dtype, device=device)
     full = _unpack(stats["gram"].flatten(2), d) + LAM * eye   # (groups, P, d, d)
     groups = full.shape[0]
-    # (groups, P, d, outputs of a group)
+    # (groups, P, d, outputs of a group): a group's outputs share its Gram.
     rhs = stats["cross"].reshape(groups, -1, d, full.shape[1]).permute(0, 3, 2, 1).contiguous()
-    best = interleaved({
+    return {
         "ours": lambda: torch.ops.reggan_ext.ridge_solve(stats["gram"], stats["cross"], lam_map,
                                                          True),
-        "torch.linalg": lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky(full))}, device)
+        "torch.linalg": lambda: torch.cholesky_solve(rhs, torch.linalg.cholesky(full))}
+
+
+def solve_comparison(fitter, device):
+    """(our solve, torch.linalg) seconds on the fitter's systems."""
+    best = interleaved(solve_contenders(fitter, device), device)
     return best["ours"], best["torch.linalg"]
 
 
