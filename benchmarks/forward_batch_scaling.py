@@ -1,5 +1,5 @@
 """Times the CPU forward of one LocalRegression case at several batch sizes, on one thread and on
-all of them, beside a plain read and a copy of 256 MiB on the same threads.
+all of them, beside a plain read and a copy of 256 MiB and torch.mm's rate on the same threads.
 
 The weights are read once per call whatever the batch, and every sample adds the same
 multiply-adds, so the sweep shows the two limits apart: with one sample the time is mostly the
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from local_regression_cases import (  # noqa: E402
     CASES, IMPLEMENTATIONS, multiply_adds, pass_fn, traffic_bytes, weight_elements)
-from local_regression_table import copy_bandwidth, median_seconds  # noqa: E402
+from local_regression_table import copy_bandwidth, matmul_rate, median_seconds  # noqa: E402
 
 
 def main():
@@ -44,22 +44,23 @@ def main():
     source = torch.ones(64 << 20)
     print(f"{name} at other batch sizes, float32 forward, torch {torch.__version__}; weights "
           f"{weight_bytes / 1e6:.1f} MB, {per_sample / 1e6:.1f} M multiply-adds per sample\n")
-    print("| threads | read GB/s | copy GB/s | batch | ms | weight GB/s | G multiply-adds/s | "
-          "% of copy (min traffic) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| threads | read GB/s | copy GB/s | torch.mm G multiply-adds/s | batch | ms | "
+          "weight GB/s | G multiply-adds/s | % of torch.mm | % of copy (min traffic) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for threads in args.threads:
         torch.set_num_threads(threads)
         read_gbs = source.numel() * 4 / median_seconds(source.sum, "cpu", args.seconds) / 1e9
         copy_gbs = copy_bandwidth("cpu", torch.float32, args.seconds)
+        mm_rate = matmul_rate("cpu", torch.float32, args.seconds)
         for batch in args.batches:
             case = (batch, channels, size, kernel, groups)
             fn = pass_fn(IMPLEMENTATIONS["kernel"], case, "cpu", torch.float32, "forward")
             seconds = median_seconds(fn, "cpu", args.seconds)
             traffic = traffic_bytes(case, torch.float32, "forward")
-            print(f"| {threads} | {read_gbs:.1f} | {copy_gbs:.1f} | {batch} | {seconds * 1e3:.3f} "
-                  f"| {weight_bytes / seconds / 1e9:.1f} | "
-                  f"{batch * per_sample / seconds / 1e9:.1f} | "
-                  f"{100 * traffic / seconds / 1e9 / copy_gbs:.0f}% |")
+            rate = batch * per_sample / seconds
+            print(f"| {threads} | {read_gbs:.1f} | {copy_gbs:.1f} | {mm_rate / 1e9:.1f} | {batch} "
+                  f"| {seconds * 1e3:.3f} | {weight_bytes / seconds / 1e9:.1f} | {rate / 1e9:.1f} "
+                  f"| {100 * rate / mm_rate:.0f}% | {100 * traffic / seconds / 1e9 / copy_gbs:.0f}% |")
 
 
 if __name__ == "__main__":
