@@ -7,8 +7,12 @@ compare with.
 
     python benchmarks/compare_builds.py BASELINE_TREE [CANDIDATE_TREE] [--pass forward+backward]
                                         [--rounds 4] [--seconds 1.5] [--case SUBSTRING ...]
+                                        [--candidate-env NAME=VALUE ...]
 
-Prints, per case, the median and fastest time of each build over the rounds and their ratio."""
+Prints, per case, the median and fastest time of each build over the rounds and their ratio.
+With --candidate-env the candidate's subprocesses also get those environment variables: one
+tree given twice then compares a setting, e.g. THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator
+asks for transparent huge pages)."""
 
 import argparse
 import os
@@ -84,13 +88,21 @@ def main():
     parser.add_argument("--seconds", type=float, default=1.5, help="timed per run")
     parser.add_argument("--case", nargs="*", default=[],
                         help="substrings selecting cases (default: every case)")
+    parser.add_argument("--candidate-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="environment variables of the candidate's subprocesses only")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(time_in_this_process(args.child[0], args.child[1], args.seconds))
         return
+    malformed = [item for item in args.candidate_env
+                 if "=" not in item or not item.partition("=")[0]]
+    if malformed:
+        sys.exit(f"--candidate-env takes NAME=VALUE items, got {malformed}")
     builds = {"baseline": os.path.abspath(args.baseline),
               "candidate": os.path.abspath(args.candidate)}
+    extra_env = {"baseline": {},
+                 "candidate": dict(item.split("=", 1) for item in args.candidate_env)}
     for tree in builds.values():
         if not os.path.isdir(os.path.join(tree, "reggan_ext")):
             sys.exit(f"{tree} holds no reggan_ext package")
@@ -105,12 +117,13 @@ def main():
                 child = subprocess.run(
                     [sys.executable, __file__, tree, "--seconds", str(args.seconds),
                      "--child", case, args.which],
-                    env=dict(os.environ, PYTHONPATH=tree), cwd=tree, capture_output=True,
-                    text=True)
+                    env={**os.environ, "PYTHONPATH": tree, **extra_env[build]}, cwd=tree,
+                    capture_output=True, text=True)
                 if child.returncode != 0:
                     sys.exit(f"the {build} build ({tree}) failed on {case}:\n{child.stderr}")
                 times[case, build].append(float(child.stdout.split()[-1]))
-    print(f"{args.which}, ms, {args.rounds} alternating rounds of {args.seconds} s each")
+    print(f"{args.which}, ms, {args.rounds} alternating rounds of {args.seconds} s each"
+          + (f"; the candidate with {' '.join(args.candidate_env)}" if args.candidate_env else ""))
     print("| case | baseline median (min) | candidate median (min) | candidate / baseline |")
     print("| --- | ---: | ---: | ---: |")
     for case in cases:

@@ -856,3 +856,13 @@ def test_compare_builds_times_both_builds(tmp_path):
                             capture_output=True, text=True)
     assert broken.returncode != 0 and "the baseline build" in broken.stderr
     assert "ImportError: not built" in broken.stderr
+    # --candidate-env reaches the candidate's subprocesses and not the baseline's: a Python
+    # that cannot start fails the candidate only.
+    no_python = subprocess.run([sys.executable, script, build, build, "--rounds", "1",
+                                "--seconds", "0.01", "--case", "per-channel 128x128 k3",
+                                "--candidate-env", f"PYTHONHOME={tmp_path / 'missing'}"],
+                               capture_output=True, text=True)
+    assert no_python.returncode != 0 and "the candidate build" in no_python.stderr
+    malformed = subprocess.run([sys.executable, script, build, "--candidate-env", "=1"],
+                               capture_output=True, text=True)
+    assert malformed.returncode != 0 and "NAME=VALUE" in malformed.stderr
