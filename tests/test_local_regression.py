@@ -373,7 +373,8 @@ KERNEL_PATHS = {
     "3 x 3 bands in steps of channels": (2, 40, 4, (6, 100), 3, 1, 1, 1, 1),
     # 31 = 16 + 8 + 4 + 2 + 1 samples, rows two apart: one row at a time in every batch tile.
     "strided rows in every batch tile": (31, 1, 2, (7, 21), 3, 2, 1, 1, 1),
-    # A weight gradient of 8 MiB or more, stored past the caches, rows aligned or not.
+    # A weight gradient of 8 MiB or more: stored past the caches by the AVX-512 kernels, rows
+    # aligned or not.
     "streamed weight gradient": (2, 8, 16, (33, 61), 3, 1, 1, 1, 1),
 }
 

@@ -40,8 +40,9 @@ constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
 // prefetcher follows a few long streams ahead of the loads, not many short ones.
 constexpr int64_t kRunBytes = 4096;
 constexpr int64_t kWeightStreams = 18;
-// A weight gradient of at least this many bytes is stored past the caches: it would not stay
-// cached for its reader anyway. Below, it is faster to keep it there.
+// A weight gradient of at least this many bytes is stored past the caches by the AVX-512
+// kernels (store_lanes): it would not stay cached for its reader anyway. Below, it is faster to
+// keep it there.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 int64_t grain_for(int64_t work_per_item) {

@@ -496,27 +496,23 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
   });
 }
 
-// v at p, past the caches when `stream` and p is aligned to a whole register: the weight
-// gradient, tens of MiB written once, then costs no read of each line before it is written.
-// Callers fence before the output is read (stream_fence).
+// v at p, past the caches when `stream`, p is aligned and the registers are 64 bytes (a whole
+// cache line): the weight gradient, tens of MiB written once, then costs no read of each line
+// before it is written. With 32-byte registers a streamed line is written in two halves, a block
+// of sums apart, and that measured slower than cached stores (benchmarks/RESULTS.md). Callers
+// fence before the output is read (stream_fence).
 template <typename L, typename T>
 REGGAN_CPU_INLINE void store_lanes(T* p, const typename L::value& v, int64_t lanes, bool stream) {
 #if defined(__SSE2__)
-  if (stream && lanes == L::kWidth && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
-    if constexpr (kVectorBytes == 64 && sizeof(T) == 4) {
-      _mm512_stream_ps(p, (__m512)v);
-    } else if constexpr (kVectorBytes == 64) {
-      _mm512_stream_pd(p, (__m512d)v);
-    } else if constexpr (kVectorBytes == 32 && sizeof(T) == 4) {
-      _mm256_stream_ps(p, (__m256)v);
-    } else if constexpr (kVectorBytes == 32) {
-      _mm256_stream_pd(p, (__m256d)v);
-    } else if constexpr (sizeof(T) == 4) {
-      _mm_stream_ps(p, (__m128)v);
-    } else {
-      _mm_stream_pd(p, (__m128d)v);
+  if constexpr (kVectorBytes == 64) {
+    if (stream && lanes == L::kWidth && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0) {
+      if constexpr (sizeof(T) == 4) {
+        _mm512_stream_ps(p, (__m512)v);
+      } else {
+        _mm512_stream_pd(p, (__m512d)v);
+      }
+      return;
     }
-    return;
   }
 #endif
   L::store(p, v, lanes);
