@@ -9,7 +9,10 @@ compare with.
                                         [--rounds 4] [--seconds 1.5] [--case SUBSTRING ...]
                                         [--candidate-env NAME=VALUE ...]
 
-Prints, per case, the median and fastest time of each build over the rounds and their ratio.
+`--pass input-gradient` and `--pass weight-gradient` time one of the backward's two kernels
+alone, without autograd and the other kernel around it. Prints, per case, the median and
+fastest time of each build over the rounds and the ratios of both: on a machine whose
+neighbours slow some rounds, the fastest rounds are the less disturbed.
 With --candidate-env the candidate's subprocesses also get those environment variables: one
 tree given twice then compares a setting, e.g. THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator
 asks for transparent huge pages)."""
@@ -27,10 +30,12 @@ from reggan_ext import RidgeFitter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from local_regression_cases import CASES, IMPLEMENTATIONS, PASSES, pass_fn  # noqa: E402
+from local_regression_cases import (  # noqa: E402
+    CASES, IMPLEMENTATIONS, PASSES, make_inputs, pass_fn)
 from ridge_table import workload  # noqa: E402
 
 RIDGE_PASS = "ridge-update"
+KERNEL_PASSES = ("input-gradient", "weight-gradient")
 # name -> (samples, in_channels, out_channels, groups, size, kernel, batch): the samples go to
 # RidgeFitter.update in batches of `batch`, and the statistics are read once at the end. Float32
 # data, float64 statistics, padding 'same'.
@@ -63,10 +68,25 @@ def ridge_update_fn(case):
     return stream
 
 
+def backward_kernel_fn(case, which):
+    """One of the backward's kernels, called as autograd calls it for the case's layer."""
+    batch, channels, size, kernel, groups = case
+    x, w, _ = make_inputs(case, "cpu", torch.float32)
+    grad = torch.randn(batch, channels, size, size)
+    geometry = ([1, 1], [kernel // 2] * 2, [1, 1], groups)
+    if which == "input-gradient":
+        op = torch.ops.reggan_ext.local_regression_backward_input.default
+        return lambda: op(grad, w, [size, size], *geometry)
+    op = torch.ops.reggan_ext.local_regression_backward_weight.default
+    return lambda: op(grad, x, [kernel, kernel], *geometry)
+
+
 def time_in_this_process(case_name, which, seconds):
     """Child: the mean seconds of one pass over repetitions filling `seconds`."""
     if which == RIDGE_PASS:
         fn = ridge_update_fn(RIDGE_CASES[case_name])
+    elif which in KERNEL_PASSES:
+        fn = backward_kernel_fn(CASES[case_name], which)
     else:
         fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
     fn()
@@ -83,7 +103,7 @@ def main():
     parser.add_argument("candidate", nargs="?", default=os.path.dirname(HERE),
                         help="source tree of the candidate build (default: this one)")
     parser.add_argument("--pass", dest="which", default="forward+backward",
-                        choices=PASSES + (RIDGE_PASS,))
+                        choices=PASSES + KERNEL_PASSES + (RIDGE_PASS,))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=1.5, help="timed per run")
     parser.add_argument("--case", nargs="*", default=[],
@@ -124,13 +144,15 @@ def main():
                 times[case, build].append(float(child.stdout.split()[-1]))
     print(f"{args.which}, ms, {args.rounds} alternating rounds of {args.seconds} s each"
           + (f"; the candidate with {' '.join(args.candidate_env)}" if args.candidate_env else ""))
-    print("| case | baseline median (min) | candidate median (min) | candidate / baseline |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| case | baseline median (min) | candidate median (min) | candidate / baseline, "
+          "medians | fastest |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for case in cases:
         base, cand = times[case, "baseline"], times[case, "candidate"]
         print(f"| {case} | {statistics.median(base) * 1e3:.3f} ({min(base) * 1e3:.3f}) | "
               f"{statistics.median(cand) * 1e3:.3f} ({min(cand) * 1e3:.3f}) | "
-              f"{statistics.median(cand) / statistics.median(base):.2f} |")
+              f"{statistics.median(cand) / statistics.median(base):.2f} | "
+              f"{min(cand) / min(base):.2f} |")
 
 
 if __name__ == "__main__":

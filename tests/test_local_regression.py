@@ -840,12 +840,13 @@ def test_compare_builds_times_both_builds(tmp_path):
     # The folder holding the built package under test: this tree when built in place, else the
     # site-packages it was installed into.
     build = os.path.dirname(os.path.dirname(os.path.abspath(reggan_ext.__file__)))
-    out = subprocess.run(
-        [sys.executable, script, build, build, "--rounds", "1", "--seconds", "0.01", "--pass",
-         "forward", "--case", "per-channel 128x128 k3"],
-        check=True, capture_output=True, text=True).stdout
-    rows = [line for line in out.splitlines() if line.startswith("| N16")]
-    assert len(rows) == 1 and float(rows[0].split("|")[-2]) > 0
+    for which in ("forward", "input-gradient", "weight-gradient"):
+        out = subprocess.run(
+            [sys.executable, script, build, build, "--rounds", "1", "--seconds", "0.01",
+             "--pass", which, "--case", "per-channel 128x128 k3"],
+            check=True, capture_output=True, text=True).stdout
+        rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| N16")]
+        assert len(rows) == 1 and all(float(ratio) > 0 for ratio in rows[0][-2:]), out
     missing = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "holds no reggan_ext package" in missing.stderr

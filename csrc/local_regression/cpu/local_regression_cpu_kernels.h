@@ -214,6 +214,38 @@ void accumulate_band_for_kernel(const BandTask<T>& task, int64_t samples, int64_
   accumulate_band_samples<kBandRows, 0>(task, samples);
 }
 
+// A register whose lanes l in [begin, end) hold lane_zero[l] and the others zero, reading only
+// those lanes: one masked load where the instruction set has one. lane_zero may lie outside the
+// array (a row's first columns, shifted left); lanes outside it are never read.
+template <typename L, typename T>
+REGGAN_CPU_INLINE typename L::value load_lane_range(uintptr_t lane_zero, int64_t begin,
+                                                    int64_t end) {
+  using V = typename L::value;
+#if defined(__SSE2__)
+  if constexpr (kVectorBytes == 64) {
+    const auto lanes = (uint32_t(1) << end) - (uint32_t(1) << begin);
+    if constexpr (sizeof(T) == 4) {
+      return (V)_mm512_maskz_loadu_ps(__mmask16(lanes), reinterpret_cast<const void*>(lane_zero));
+    } else {
+      return (V)_mm512_maskz_loadu_pd(__mmask8(lanes), reinterpret_cast<const void*>(lane_zero));
+    }
+  } else if constexpr (kVectorBytes == 32) {
+    using Lane = typename L::lane_int;
+    typename L::mask index;
+    for (int64_t l = 0; l < L::kWidth; ++l) index[l] = Lane(l);
+    const typename L::mask inside = (index >= Lane(begin)) & (index < Lane(end));
+    if constexpr (sizeof(T) == 4) {
+      return (V)_mm256_maskload_ps(reinterpret_cast<const float*>(lane_zero), (__m256i)inside);
+    } else {
+      return (V)_mm256_maskload_pd(reinterpret_cast<const double*>(lane_zero), (__m256i)inside);
+    }
+  }
+#endif
+  V v{};
+  for (int64_t l = begin; l < end; ++l) v[l] = reinterpret_cast<const T*>(lane_zero)[l];
+  return v;
+}
+
 // dst[b * block + l] = row[b * lanes + l + shift] for the columns b * lanes + l of the blocks
 // that cover width, and 0 where b * lanes + l + shift is outside [0, row_width): a row of weights
 // in the column blocks that accumulate_band reads.
@@ -229,8 +261,8 @@ void pack_row(T* dst, int64_t block, const T* row, int64_t row_width, int64_t sh
       // Lanes [begin, end) of the block lie inside the row.
       const int64_t begin = std::clamp<int64_t>(-first, 0, L::kWidth);
       const int64_t end = std::clamp<int64_t>(row_width - first, begin, L::kWidth);
-      L::store(dst, typename L::value{}, L::kWidth);
-      std::memcpy(dst + begin, row + first + begin, (end - begin) * sizeof(T));
+      const uintptr_t lane_zero = reinterpret_cast<uintptr_t>(row) + first * int64_t(sizeof(T));
+      L::store(dst, load_lane_range<L, T>(lane_zero, begin, end), L::kWidth);
     }
   }
 }
@@ -252,9 +284,9 @@ void pack_band_weights(T* packed, int64_t block, const T* rows, int64_t tap, int
   }
 }
 
-// Prefetches the weights that pack_band_weights(..., rows, tap, count, ...) reads, `elements`
-// from each tap, into L2: issued before a band is summed, the next band's arrive meanwhile.
-// The hardware prefetchers of some CPUs (AMD Zen) follow too few of the planes' streams.
+// Prefetches `elements` weights from each of `count` taps `tap` apart, from rows, into L2:
+// issued before a band is summed, the next band's weights arrive meanwhile. The hardware
+// prefetchers of some CPUs (AMD Zen) follow too few of the planes' streams.
 template <typename T>
 void prefetch_band_weights(const T* rows, int64_t tap, int64_t count, int64_t elements) {
   constexpr int64_t kLineElements = 64 / sizeof(T);
@@ -467,11 +499,15 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
               const int64_t rows_here = std::min(band_rows, g.in_height - r0);
               for (int64_t o = 0; o < o_count; ++o) {
                 for (int64_t u = 0; u < g.kernel_h; ++u) {
+                  int64_t rows_read[kBandRows];  // the output row each band row reads, or -1
+                  for (int64_t rho = 0; rho < rows_here; ++rho) {
+                    rows_read[rho] = output_row(r0, rho, u);
+                  }
                   for (int64_t v = 0; v < g.kernel_w; ++v) {
                     const int64_t tap = (o * g.kernel_h + g.kernel_h - 1 - u) * g.kernel_w +
                                         g.kernel_w - 1 - v;
                     for (int64_t rho = 0; rho < rows_here; ++rho) {
-                      const int64_t i = output_row(r0, rho, u);
+                      const int64_t i = rows_read[rho];
                       // A row the band row does not read (i < 0) is packed as zeros.
                       pack_row(packed.data() + (tap * band_rows + rho) * lanes, w_block,
                                w + g.weight_row(first_o + o_begin + o, c, u, v,
@@ -479,6 +515,26 @@ void backward_input(Tag, const T* grad_y, const T* w, T* grad_x, const LocalGeom
                                i >= 0 ? g.out_width : 0, g.pad_w - v * g.dilation_w, g.in_width);
                     }
                   }
+                }
+              }
+              // The next band's weights, as in forward. Through kernel row u the band's rows
+              // read consecutive output rows, the same ones in the plane of each kernel column.
+              const int64_t next_c = b + 1 < run_end ? c : c + 1;
+              const int64_t next_r0 = (b + 1 < run_end ? b + 1 : first_band) * band_rows;
+              const int64_t next_rows = std::min(band_rows, g.in_height - next_r0);
+              for (int64_t o = 0; next_c < g.in_per_group() && o < o_count; ++o) {
+                for (int64_t u = 0; u < g.kernel_h; ++u) {
+                  int64_t first = -1, last = -1;
+                  for (int64_t rho = 0; rho < next_rows; ++rho) {
+                    const int64_t i = output_row(next_r0, rho, u);
+                    if (i < 0) continue;
+                    if (first < 0) first = i;
+                    last = i;
+                  }
+                  if (first < 0) continue;
+                  prefetch_band_weights(
+                      w + g.weight_row(first_o + o_begin + o, next_c, u, 0, first), g.out_plane(),
+                      g.kernel_w, (last - first + 1) * g.out_width);
                 }
               }
               const BandTask<T> band{
