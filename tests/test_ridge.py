@@ -237,6 +237,27 @@ def test_accumulation_ways_agree(one_update_per_batch):
         assert_close(halves[key], value, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_statistics_do_not_depend_on_threads(dtype):
+    """The per-channel layer's tasks own bands of 8 output rows where each thread gets 4 tasks
+    or more, else bands of 4: here one thread takes the bands of 8 (12 output rows, the last
+    band short) and two threads those of 4. Every entry sums its samples in order either way:
+    the statistics agree bit for bit, and with numpy's."""
+    layer = make_layer(cin=3, cout=3, groups=3, k=3, padding="same", size=(12, 37))
+    x, y = make_data(layer, 21)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+        torch.set_num_threads(2)
+        two = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in numpy_statistics(layer, x.to(dtype), y.to(dtype)).items():
+        assert torch.equal(one[key], two[key]), key
+        assert_close(one[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def _random_geometry(rng):
     groups = rng.choice([1, 2, 3])
     cin, cout = groups * rng.randint(1, 2), groups * rng.randint(1, 2)

@@ -51,8 +51,12 @@ const int64_t kScratchBytes = data_cache_bytes(1, 48 << 10) * 2 / 3;
 // per-channel float64 layer (1.03 MiB) were fastest whole, then split in two, then in three.
 const int64_t kAccumulatorBytes = data_cache_bytes(2, 2 << 20) * 3 / 4;
 // Output rows per task of the accumulation: the entries of neighbouring rows share products
-// and input rows.
+// and input rows. accumulate_products takes kWideBandRows where a task's accumulators still
+// cover a whole output row and each thread gets kMinTasksPerThread tasks or more: for the
+// per-channel k = 3 layer, 8 rows read 10 input rows where 4 read 6, and share more products.
 constexpr int64_t kBandRows = 4;
+constexpr int64_t kWideBandRows = 8;
+constexpr int64_t kMinTasksPerThread = 4;
 // How many statistics entries ahead the accumulation prefetches those it adds to.
 constexpr size_t kPrefetchEntries = 4;
 // How many entries of a packed Gram ahead the solver prefetches as it loads a task's systems. A

@@ -378,7 +378,7 @@ void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeG
 //  - accumulate_products: entry (a, b) is sum_n run_a[shift_a + k] * run_b[shift_b + k], and the
 //    entries of the band's rows that read the same two runs at the same distance shift_b -
 //    shift_a are one product of two runs, read at different k. Per channel, 4 rows at k = 3
-//    need 114 products for their 264 entries; at k = 7, 792 for 5304.
+//    need 114 products for their 264 entries (8 rows 214 for 528); at k = 7, 792 for 5304.
 // The products serve layers with one input channel per group (RegGAN's per-channel layer;
 // benchmarks/ridge_table.py: the float64 accumulation 1.5x faster at k = 3, 4.6x at k = 7).
 // With more, a sample has more runs, so a pass takes fewer samples, fewer entries share a
@@ -459,18 +459,21 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
   });
 }
 
-// Returns false, having summed nothing, where the tiles would take less than min_gain times its
-// multiply-adds.
+// Sums bands of band_rows output rows. Returns false, having summed nothing, where the tiles
+// would take less than min_gain times its multiply-adds, or, with whole_rows, where a task
+// could not own a whole output row (its accumulators over kAccumulatorBytes) or the threads
+// would have fewer than kMinTasksPerThread tasks each.
 template <typename in_t, typename acc_t>
 bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross,
-                         acc_t* target_sq, const RidgeGeometry& rg, double min_gain) {
+                         acc_t* target_sq, const RidgeGeometry& rg, int64_t band_rows,
+                         bool whole_rows, double min_gain) {
   using L = Lanes<acc_t>;
   using V = typename L::value;
   constexpr int64_t W = L::kWidth;
   const LocalGeometry& g = rg.layer;
   const int64_t rows = rg.unknowns() + g.out_per_group();  // of the augmented design
   const int64_t entries = rows * (rows + 1) / 2;
-  const int64_t band = std::min<int64_t>(kBandRows, g.out_height);
+  const int64_t band = std::min<int64_t>(band_rows, g.out_height);
   const int64_t bands = (g.out_height + band - 1) / band;
   const RunLayout layout(rg, band);
   const int64_t ones_run = layout.ones_run();
@@ -583,6 +586,10 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   }
   const int64_t count_products = int64_t(blocks.size()) * kBlockRows * kBlockCols;
   const RowSegments<W> segments(g.out_width, count_products * int64_t(sizeof(V)));
+  if (whole_rows && (segments.count > 1 ||
+                     g.groups * bands < kMinTasksPerThread * at::get_num_threads())) {
+    return false;
+  }
   const int64_t width = segments.run_width(layout.span());
   // A segment's products are summed for its pixels and the entries' shifts beyond them.
   const auto task_vectors = [&](int64_t segment) {
@@ -670,10 +677,16 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
 template <typename in_t, typename acc_t>
 void accumulate(Tag, const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, acc_t* target_sq,
                 const RidgeGeometry& rg) {
+  // The wide bands where a task can still own a whole row; else the bands of kBandRows.
+  const auto products = [&](double min_gain) {
+    return accumulate_products(x, y, gram, cross, target_sq, rg, kWideBandRows, true,
+                               min_gain) ||
+           accumulate_products(x, y, gram, cross, target_sq, rg, kBandRows, false, min_gain);
+  };
   if (rg.layer.in_per_group() == 1) {
-    accumulate_products(x, y, gram, cross, target_sq, rg, 0.0);
+    products(0.0);
   } else if (rg.layer.in_per_group() > kMaxProductChannels || rg.layer.batch < kMinProductBatch ||
-             !accumulate_products(x, y, gram, cross, target_sq, rg, kProductGain)) {
+             !products(kProductGain)) {
     accumulate_gram(x, y, gram, cross, target_sq, rg);
   }
 }
