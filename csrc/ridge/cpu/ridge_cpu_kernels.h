@@ -475,6 +475,8 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   const int64_t entries = rows * (rows + 1) / 2;
   const int64_t band = std::min<int64_t>(band_rows, g.out_height);
   const int64_t bands = (g.out_height + band - 1) / band;
+  // Known before the products are planned, so too few tasks skip the planning.
+  if (whole_rows && g.groups * bands < kMinTasksPerThread * at::get_num_threads()) return false;
   const RunLayout layout(rg, band);
   const int64_t ones_run = layout.ones_run();
   // The products, (first run, second run, distance): the first run is read from shift 0, the
@@ -586,10 +588,7 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
   }
   const int64_t count_products = int64_t(blocks.size()) * kBlockRows * kBlockCols;
   const RowSegments<W> segments(g.out_width, count_products * int64_t(sizeof(V)));
-  if (whole_rows && (segments.count > 1 ||
-                     g.groups * bands < kMinTasksPerThread * at::get_num_threads())) {
-    return false;
-  }
+  if (whole_rows && segments.count > 1) return false;
   const int64_t width = segments.run_width(layout.span());
   // A segment's products are summed for its pixels and the entries' shifts beyond them.
   const auto task_vectors = [&](int64_t segment) {
