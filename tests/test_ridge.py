@@ -244,16 +244,16 @@ def test_statistics_do_not_depend_on_threads(dtype):
     band short) and two threads those of 4. Every entry sums its samples in order either way:
     the statistics agree bit for bit, and with numpy's."""
     layer = make_layer(cin=3, cout=3, groups=3, k=3, padding="same", size=(12, 37))
-    x, y = make_data(layer, 21)
+    x, y = make_data(layer, 21, dtype=dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+        one = RidgeFitter(layer, dtype=dtype).update(x, y).statistics
         torch.set_num_threads(2)
-        two = RidgeFitter(layer, dtype=dtype).update(x.to(dtype), y.to(dtype)).statistics
+        two = RidgeFitter(layer, dtype=dtype).update(x, y).statistics
     finally:
         torch.set_num_threads(threads)
-    for key, value in numpy_statistics(layer, x.to(dtype), y.to(dtype)).items():
+    for key, value in numpy_statistics(layer, x, y).items():
         assert torch.equal(one[key], two[key]), key
         assert_close(one[key], value, 1e-12 if dtype == torch.float64 else 1e-5)
 
