@@ -309,10 +309,18 @@ def test_unregularized_fit_recovers_exact_weights():
     torch.testing.assert_close(bias, layer.bias, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("geometry, samples", [
+    (dict(cin=3, cout=3, groups=3, k=5, size=(9, 10)), 9),
+    (dict(cin=4, cout=2, groups=2, k=5, size=(9, 41)), 70),
+    (dict(cin=3, cout=2, groups=1, k=3, size=(9, 10)), 9)],
+    ids=["per-channel", "two-inputs-per-group", "three-inputs-few-samples"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_float32_input_gives_exact_float64_statistics(device):
-    layer = make_layer(cin=3, cout=3, groups=3, k=5, padding="same", size=(9, 10), device=device)
-    x, y = make_data(layer, 9, dtype=torch.float32, device=device)
+def test_float32_input_gives_exact_float64_statistics(geometry, samples, device):
+    """The CPU accumulation keeps float32 data as float32 in its scratch and converts it as the
+    sums load it, in each of its ways to sum: products of one or of two input channels per
+    group, and the Gram's entries over a few samples."""
+    layer = make_layer(padding="same", device=device, **geometry)
+    x, y = make_data(layer, samples, dtype=torch.float32, device=device)
     single = RidgeFitter(layer).update(x, y).statistics
     double = RidgeFitter(layer).update(x.double(), y.double()).statistics
     for key in ("gram", "cross", "target_sq"):

@@ -11,6 +11,23 @@ struct Tag {};
 template <typename T>
 using Lanes = cpu_lanes::Lanes<T, kVectorBytes>;
 
+// The values of an accumulation task's scratch: the data's type where the statistics are wider,
+// so that float data under float64 statistics is written and read at half the bytes and
+// converted as the sums load it (per-channel k = 3: 0.87-0.93 of the update's time on AVX2,
+// benchmarks/compare_builds.py --pass ridge-update); else the statistics' type.
+template <typename in_t, typename acc_t>
+using ScratchValue = std::conditional_t<(sizeof(in_t) < sizeof(acc_t)), in_t, acc_t>;
+
+// A vector of kWidth values of type T from p, converted where the scratch is narrower.
+template <typename T, typename S>
+REGGAN_CPU_INLINE typename Lanes<T>::value load_as(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Lanes<T>::load(p, Lanes<T>::kWidth);
+  } else {
+    return Lanes<T>::convert(p);
+  }
+}
+
 // How a run of `width` values of the scratch reads a sample: value k of sample n is
 // data[n * sample_stride + offset + k * step] for k in [begin, end), 0 elsewhere.
 template <typename in_t>
@@ -47,15 +64,14 @@ class VectorBuffer {
 // values) for n < count and q < cols: a kTile x kTile block of the augmented Gram held in
 // registers across the samples. The last block of rows has cols <= kTile rows: its tiles skip
 // the missing ones. On the diagonal (a_rows == b_rows) only its upper triangle is computed.
-template <bool kDiagonal, int kCols = kTile, typename T, typename V>
-inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_rows,
+template <bool kDiagonal, int kCols = kTile, typename T, typename S, typename V>
+inline void gram_tile(int64_t cols, const S* const* a_rows, const S* const* b_rows,
                       int64_t stride, int64_t count, V* acc) {
   if constexpr (kCols > 1) {
     if (cols < kCols) {
-      return gram_tile<kDiagonal, kCols - 1>(cols, a_rows, b_rows, stride, count, acc);
+      return gram_tile<kDiagonal, kCols - 1, T>(cols, a_rows, b_rows, stride, count, acc);
     }
   }
-  using L = Lanes<T>;
   constexpr int kRows = kDiagonal ? kCols : kTile;
   V c[kRows][kCols];
   for (int r = 0; r < kRows; ++r) {
@@ -63,9 +79,9 @@ inline void gram_tile(int64_t cols, const T* const* a_rows, const T* const* b_ro
   }
   for (int64_t n = 0; n < count; ++n) {
     V a[kRows];
-    for (int r = 0; r < kRows; ++r) a[r] = L::load(a_rows[r] + n * stride, L::kWidth);
+    for (int r = 0; r < kRows; ++r) a[r] = load_as<T>(a_rows[r] + n * stride);
     for (int q = 0; q < kCols; ++q) {
-      const V b = L::load(b_rows[q] + n * stride, L::kWidth);
+      const V b = load_as<T>(b_rows[q] + n * stride);
       for (int r = 0; r < kRows; ++r) {
         if (!kDiagonal || r <= q) c[r][q] += a[r] * b;
       }
@@ -86,20 +102,19 @@ inline int64_t tile_multiply_adds(int64_t rows) {
 // acc[r * kBlockCols + q] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
 // (vectors of kWidth values) for n < samples, r < kRows, q < kCols: a block of products held in
 // registers across the samples, each vector loaded once for the products of its row or column.
-template <int kRows, int kCols, typename T, typename V>
-REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_t* b,
+template <int kRows, int kCols, typename T, typename S, typename V>
+REGGAN_CPU_INLINE void product_block(const S* at, const int64_t* a, const int64_t* b,
                                      int64_t stride, int64_t samples, V* acc) {
-  using L = Lanes<T>;
   V c[kRows][kCols];
   for (int r = 0; r < kRows; ++r) {
     for (int q = 0; q < kCols; ++q) c[r][q] = acc[r * kBlockCols + q];
   }
   for (int64_t n = 0; n < samples; ++n) {
-    const T* sample = at + n * stride;
+    const S* sample = at + n * stride;
     V av[kRows];
-    for (int r = 0; r < kRows; ++r) av[r] = L::load(sample + a[r], L::kWidth);
+    for (int r = 0; r < kRows; ++r) av[r] = load_as<T>(sample + a[r]);
     for (int q = 0; q < kCols; ++q) {
-      V bv = L::load(sample + b[q], L::kWidth);
+      V bv = load_as<T>(sample + b[q]);
       cpu_lanes::keep_in_register(bv);
       for (int r = 0; r < kRows; ++r) c[r][q] += av[r] * bv;
     }
@@ -112,21 +127,23 @@ REGGAN_CPU_INLINE void product_block(const T* at, const int64_t* a, const int64_
 // product_block for 1 <= rows <= kBlockRows and 1 <= cols <= kBlockCols known at run time.
 // Inlined whole into its caller, so that the dispatch is a few compares, not a call for each
 // instantiation it passes through, each with a prologue that aligns the stack.
-template <int kRows = kBlockRows, int kCols = kBlockCols, typename T, typename V>
-REGGAN_CPU_INLINE void sized_product_block(int64_t rows, int64_t cols, const T* at,
+template <typename T, int kRows = kBlockRows, int kCols = kBlockCols, typename S, typename V>
+REGGAN_CPU_INLINE void sized_product_block(int64_t rows, int64_t cols, const S* at,
                                            const int64_t* a, const int64_t* b, int64_t stride,
                                            int64_t samples, V* acc) {
   if constexpr (kRows > 1) {
     if (rows < kRows) {
-      return sized_product_block<kRows - 1, kCols>(rows, cols, at, a, b, stride, samples, acc);
+      return sized_product_block<T, kRows - 1, kCols>(rows, cols, at, a, b, stride, samples,
+                                                      acc);
     }
   }
   if constexpr (kCols > 1) {
     if (cols < kCols) {
-      return sized_product_block<kRows, kCols - 1>(rows, cols, at, a, b, stride, samples, acc);
+      return sized_product_block<T, kRows, kCols - 1>(rows, cols, at, a, b, stride, samples,
+                                                      acc);
     }
   }
-  product_block<kRows, kCols>(at, a, b, stride, samples, acc);
+  product_block<kRows, kCols, T>(at, a, b, stride, samples, acc);
 }
 
 // Writes the `width` values of sample n that `run` reads to dst, converted.
@@ -238,19 +255,21 @@ struct RowSegments {
 // of a RunLayout, `width` values each, `sample_values` apart. A task owns a group, a band of
 // output rows from row i0 and a segment of output columns from column j0; inputs outside the
 // image read as zeros, and an output row has `lanes` values (none past the last row).
-template <typename in_t, typename acc_t>
+template <typename in_t, typename scratch_t>
 class TaskRuns {
  public:
   TaskRuns(int64_t chunk, int64_t sample_values, int64_t width, int64_t ones_run)
-      : scratch_(chunk * sample_values / Lanes<acc_t>::kWidth),  // zeros
+      // Zeros, in whole vectors.
+      : scratch_((chunk * sample_values + Lanes<scratch_t>::kWidth - 1) /
+                 Lanes<scratch_t>::kWidth),
         sample_values_(sample_values),
         width_(width) {
     for (int64_t s = 0; s < chunk; ++s) {
-      std::fill_n(scratch() + s * sample_values + ones_run * width, width, acc_t(1));
+      std::fill_n(scratch() + s * sample_values + ones_run * width, width, scratch_t(1));
     }
   }
 
-  acc_t* scratch() { return reinterpret_cast<acc_t*>(scratch_.data()); }
+  scratch_t* scratch() { return reinterpret_cast<scratch_t*>(scratch_.data()); }
 
   void set(const in_t* x, const in_t* y, const LocalGeometry& g, const RunLayout& layout,
            int64_t group, int64_t i0, int64_t j0, int64_t lanes) {
@@ -311,7 +330,7 @@ class TaskRuns {
   }
 
  private:
-  VectorBuffer<typename Lanes<acc_t>::value> scratch_;
+  VectorBuffer<typename Lanes<scratch_t>::value> scratch_;
   int64_t sample_values_, width_;
   std::vector<RunRead<in_t>> runs_;
   // The cache lines the runs read: address in sample 0, sample stride.
@@ -370,7 +389,8 @@ void add_to_statistics(acc_t* gram, acc_t* cross, acc_t* target_sq, const RidgeG
 // output rows and a segment (RowSegments) of vectors of kWidth consecutive pixels of those
 // rows. For a chunk of samples it first copies what the task reads into a scratch of runs
 // (TaskRuns): row a of the augmented design [z, y] of pixel k of a row of the band is then
-// value shift_a + k of a run, so each input is converted once for all the taps that read it.
+// value shift_a + k of a run, so each input is read from memory once for all the taps that read
+// it.
 // It then sums the chunk's augmented Gram in registers into the task's accumulators, and at the
 // end adds them to gram, cross and target_sq. Each statistic is written by one task and its
 // samples are summed in order: the result is deterministic. Two ways to sum:
@@ -419,9 +439,10 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
                    std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
     VectorBuffer<V> acc(segments.segment * acc_size);
-    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, layout.ones_run());
-    const acc_t* scratch = task_runs.scratch();
-    std::vector<const acc_t*> row_starts(rows);
+    using S = ScratchValue<in_t, acc_t>;
+    TaskRuns<in_t, S> task_runs(chunk, sample_values, width, layout.ones_run());
+    const S* scratch = task_runs.scratch();
+    std::vector<const S*> row_starts(rows);
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (g.out_height * segments.count);
@@ -437,14 +458,14 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
           for (int64_t a = 0; a < rows; ++a) row_starts[a] = scratch + row_offsets[a] + v * W;
           V* vector_acc = acc.data() + v * acc_size;
           for (int64_t ta = 0; ta < blocks; ++ta) {
-            const acc_t* const* a_rows = row_starts.data() + ta * kTile;
+            const S* const* a_rows = row_starts.data() + ta * kTile;
             for (int64_t tb = ta; tb < blocks; ++tb) {
               V* t = vector_acc + packed_index(tb, ta) * kTile * kTile;
               const int64_t cols = std::min<int64_t>(kTile, rows - tb * kTile);
               if (ta == tb) {
-                gram_tile<true>(cols, a_rows, a_rows, sample_values, count, t);
+                gram_tile<true, kTile, acc_t>(cols, a_rows, a_rows, sample_values, count, t);
               } else {
-                gram_tile<false>(cols, a_rows, row_starts.data() + tb * kTile, sample_values,
+                gram_tile<false, kTile, acc_t>(cols, a_rows, row_starts.data() + tb * kTile, sample_values,
                                  count, t);
               }
             }
@@ -633,8 +654,9 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
     // are regrouped product by product in `sums`, where an entry's values lie in a row, whatever
     // its shift.
     VectorBuffer<V> acc(product_vectors * count_products), sums(count_products * product_vectors);
-    TaskRuns<in_t, acc_t> task_runs(chunk, sample_values, width, layout.ones_run());
-    const acc_t* scratch = task_runs.scratch();
+    using S = ScratchValue<in_t, acc_t>;
+    TaskRuns<in_t, S> task_runs(chunk, sample_values, width, layout.ones_run());
+    const S* scratch = task_runs.scratch();
     std::vector<std::pair<acc_t*, const acc_t*>> destinations;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / (bands * segments.count);
@@ -649,7 +671,7 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
         for (int64_t m = 0; m < vectors; ++m) {
           for (size_t k = 0; k < blocks.size(); ++k) {
             const Block& block = blocks[k];
-            sized_product_block(block.rows, block.cols, scratch + m * W,
+            sized_product_block<acc_t>(block.rows, block.cols, scratch + m * W,
                                 row_offsets.data() + block.row_block * kBlockRows,
                                 column_offsets.data() + block.columns_begin, sample_values,
                                 count,
