@@ -61,9 +61,10 @@ class VectorBuffer {
 };
 
 // acc[r][q] += sum_n a_rows[r][n * stride] * b_rows[q][n * stride] (vectors of kWidth
-// values) for n < count and q < cols: a kTile x kTile block of the augmented Gram held in
-// registers across the samples. The last block of rows has cols <= kTile rows: its tiles skip
-// the missing ones. On the diagonal (a_rows == b_rows) only its upper triangle is computed.
+// values of the scratch, summed as T) for n < count and q < cols: a kTile x kTile block of the
+// augmented Gram held in registers across the samples. The last block of rows has cols <= kTile
+// rows: its tiles skip the missing ones. On the diagonal (a_rows == b_rows) only its upper
+// triangle is computed.
 template <bool kDiagonal, int kCols = kTile, typename T, typename S, typename V>
 inline void gram_tile(int64_t cols, const S* const* a_rows, const S* const* b_rows,
                       int64_t stride, int64_t count, V* acc) {
@@ -100,8 +101,9 @@ inline int64_t tile_multiply_adds(int64_t rows) {
 }
 
 // acc[r * kBlockCols + q] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
-// (vectors of kWidth values) for n < samples, r < kRows, q < kCols: a block of products held in
-// registers across the samples, each vector loaded once for the products of its row or column.
+// (vectors of kWidth values of the scratch, summed as T) for n < samples, r < kRows,
+// q < kCols: a block of products held in registers across the samples, each vector loaded once
+// for the products of its row or column.
 template <int kRows, int kCols, typename T, typename S, typename V>
 REGGAN_CPU_INLINE void product_block(const S* at, const int64_t* a, const int64_t* b,
                                      int64_t stride, int64_t samples, V* acc) {
@@ -465,8 +467,8 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
               if (ta == tb) {
                 gram_tile<true, kTile, acc_t>(cols, a_rows, a_rows, sample_values, count, t);
               } else {
-                gram_tile<false, kTile, acc_t>(cols, a_rows, row_starts.data() + tb * kTile, sample_values,
-                                 count, t);
+                gram_tile<false, kTile, acc_t>(cols, a_rows, row_starts.data() + tb * kTile,
+                                               sample_values, count, t);
               }
             }
           }
