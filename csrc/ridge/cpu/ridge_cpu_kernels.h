@@ -18,9 +18,10 @@ using Lanes = cpu_lanes::Lanes<T, kVectorBytes>;
 template <typename in_t, typename acc_t>
 using ScratchValue = std::conditional_t<(sizeof(in_t) < sizeof(acc_t)), in_t, acc_t>;
 
-// A vector of kWidth values of type T from p, converted where the scratch is narrower.
-template <typename T, typename S>
-REGGAN_CPU_INLINE typename Lanes<T>::value load_as(const S* p) {
+// A vector V of values from p, converted where the scratch is narrower than V's lanes.
+template <typename V, typename S>
+REGGAN_CPU_INLINE V load_as(const S* p) {
+  using T = std::remove_reference_t<decltype(std::declval<V&>()[0])>;
   if constexpr (std::is_same_v<S, T>) {
     return Lanes<T>::load(p, Lanes<T>::kWidth);
   } else {
@@ -61,16 +62,16 @@ class VectorBuffer {
 };
 
 // acc[r][q] += sum_n a_rows[r][n * stride] * b_rows[q][n * stride] (vectors of kWidth
-// values of the scratch, summed as T) for n < count and q < cols: a kTile x kTile block of the
+// values of the scratch, summed in V) for n < count and q < cols: a kTile x kTile block of the
 // augmented Gram held in registers across the samples. The last block of rows has cols <= kTile
 // rows: its tiles skip the missing ones. On the diagonal (a_rows == b_rows) only its upper
 // triangle is computed.
-template <bool kDiagonal, int kCols = kTile, typename T, typename S, typename V>
+template <bool kDiagonal, int kCols = kTile, typename S, typename V>
 inline void gram_tile(int64_t cols, const S* const* a_rows, const S* const* b_rows,
                       int64_t stride, int64_t count, V* acc) {
   if constexpr (kCols > 1) {
     if (cols < kCols) {
-      return gram_tile<kDiagonal, kCols - 1, T>(cols, a_rows, b_rows, stride, count, acc);
+      return gram_tile<kDiagonal, kCols - 1>(cols, a_rows, b_rows, stride, count, acc);
     }
   }
   constexpr int kRows = kDiagonal ? kCols : kTile;
@@ -80,9 +81,9 @@ inline void gram_tile(int64_t cols, const S* const* a_rows, const S* const* b_ro
   }
   for (int64_t n = 0; n < count; ++n) {
     V a[kRows];
-    for (int r = 0; r < kRows; ++r) a[r] = load_as<T>(a_rows[r] + n * stride);
+    for (int r = 0; r < kRows; ++r) a[r] = load_as<V>(a_rows[r] + n * stride);
     for (int q = 0; q < kCols; ++q) {
-      const V b = load_as<T>(b_rows[q] + n * stride);
+      const V b = load_as<V>(b_rows[q] + n * stride);
       for (int r = 0; r < kRows; ++r) {
         if (!kDiagonal || r <= q) c[r][q] += a[r] * b;
       }
@@ -101,10 +102,10 @@ inline int64_t tile_multiply_adds(int64_t rows) {
 }
 
 // acc[r * kBlockCols + q] += sum_n at[a[r] + n * stride] * at[b[q] + n * stride]
-// (vectors of kWidth values of the scratch, summed as T) for n < samples, r < kRows,
+// (vectors of kWidth values of the scratch, summed in V) for n < samples, r < kRows,
 // q < kCols: a block of products held in registers across the samples, each vector loaded once
 // for the products of its row or column.
-template <int kRows, int kCols, typename T, typename S, typename V>
+template <int kRows, int kCols, typename S, typename V>
 REGGAN_CPU_INLINE void product_block(const S* at, const int64_t* a, const int64_t* b,
                                      int64_t stride, int64_t samples, V* acc) {
   V c[kRows][kCols];
@@ -114,9 +115,9 @@ REGGAN_CPU_INLINE void product_block(const S* at, const int64_t* a, const int64_
   for (int64_t n = 0; n < samples; ++n) {
     const S* sample = at + n * stride;
     V av[kRows];
-    for (int r = 0; r < kRows; ++r) av[r] = load_as<T>(sample + a[r]);
+    for (int r = 0; r < kRows; ++r) av[r] = load_as<V>(sample + a[r]);
     for (int q = 0; q < kCols; ++q) {
-      V bv = load_as<T>(sample + b[q]);
+      V bv = load_as<V>(sample + b[q]);
       cpu_lanes::keep_in_register(bv);
       for (int r = 0; r < kRows; ++r) c[r][q] += av[r] * bv;
     }
@@ -129,23 +130,21 @@ REGGAN_CPU_INLINE void product_block(const S* at, const int64_t* a, const int64_
 // product_block for 1 <= rows <= kBlockRows and 1 <= cols <= kBlockCols known at run time.
 // Inlined whole into its caller, so that the dispatch is a few compares, not a call for each
 // instantiation it passes through, each with a prologue that aligns the stack.
-template <typename T, int kRows = kBlockRows, int kCols = kBlockCols, typename S, typename V>
+template <int kRows = kBlockRows, int kCols = kBlockCols, typename S, typename V>
 REGGAN_CPU_INLINE void sized_product_block(int64_t rows, int64_t cols, const S* at,
                                            const int64_t* a, const int64_t* b, int64_t stride,
                                            int64_t samples, V* acc) {
   if constexpr (kRows > 1) {
     if (rows < kRows) {
-      return sized_product_block<T, kRows - 1, kCols>(rows, cols, at, a, b, stride, samples,
-                                                      acc);
+      return sized_product_block<kRows - 1, kCols>(rows, cols, at, a, b, stride, samples, acc);
     }
   }
   if constexpr (kCols > 1) {
     if (cols < kCols) {
-      return sized_product_block<T, kRows, kCols - 1>(rows, cols, at, a, b, stride, samples,
-                                                      acc);
+      return sized_product_block<kRows, kCols - 1>(rows, cols, at, a, b, stride, samples, acc);
     }
   }
-  product_block<kRows, kCols, T>(at, a, b, stride, samples, acc);
+  product_block<kRows, kCols>(at, a, b, stride, samples, acc);
 }
 
 // Writes the `width` values of sample n that `run` reads to dst, converted.
@@ -465,10 +464,10 @@ void accumulate_gram(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross, ac
               V* t = vector_acc + packed_index(tb, ta) * kTile * kTile;
               const int64_t cols = std::min<int64_t>(kTile, rows - tb * kTile);
               if (ta == tb) {
-                gram_tile<true, kTile, acc_t>(cols, a_rows, a_rows, sample_values, count, t);
+                gram_tile<true>(cols, a_rows, a_rows, sample_values, count, t);
               } else {
-                gram_tile<false, kTile, acc_t>(cols, a_rows, row_starts.data() + tb * kTile,
-                                               sample_values, count, t);
+                gram_tile<false>(cols, a_rows, row_starts.data() + tb * kTile, sample_values,
+                                 count, t);
               }
             }
           }
@@ -673,7 +672,7 @@ bool accumulate_products(const in_t* x, const in_t* y, acc_t* gram, acc_t* cross
         for (int64_t m = 0; m < vectors; ++m) {
           for (size_t k = 0; k < blocks.size(); ++k) {
             const Block& block = blocks[k];
-            sized_product_block<acc_t>(block.rows, block.cols, scratch + m * W,
+            sized_product_block(block.rows, block.cols, scratch + m * W,
                                 row_offsets.data() + block.row_block * kBlockRows,
                                 column_offsets.data() + block.columns_begin, sample_values,
                                 count,
