@@ -35,6 +35,24 @@ inline CpuIsa cpu_isa() {
   return isa;
 }
 
+// An op's kernel tags, one per instruction set. Builds without the x86 kernels name only the
+// baseline's: cpu_isa() is always kBaseline there.
+template <typename Baseline, typename Avx2 = Baseline, typename Avx512 = Avx2>
+struct CpuIsaTags {};
+
+// Calls fn with the tag of the instruction set that runs.
+template <typename Baseline, typename Avx2, typename Avx512, typename Fn>
+void with_cpu_isa(CpuIsaTags<Baseline, Avx2, Avx512>, Fn&& fn) {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return fn(Avx512{});
+    case CpuIsa::kAvx2:
+      return fn(Avx2{});
+    default:
+      return fn(Baseline{});
+  }
+}
+
 inline std::string cpu_isa_name() {
   switch (cpu_isa()) {
     case CpuIsa::kAvx512:

@@ -292,10 +292,38 @@ REGGAN_HD void store_tile(scalar_t* __restrict__ out, index_t image_stride, inde
 // Forward: y[n0 + t, o, i, j0 + jj] for t < min(batch_tile, batch - n0) and
 // jj < min(kCols, out_width - j0).
 
+// A forward or backward_input thread's rows: channel `channel`, row `row`, images from n0 and
+// columns from col0 of `channels` x `height` rows of `width` columns.
+template <typename index_t>
+struct RowBlock {
+  index_t channel, row, n0, col0;
+};
+
+// Threads of kCols columns and batch_tile images each over those rows.
+template <int kCols, typename scalar_t>
+REGGAN_HD int64_t row_block_threads(int64_t channels, int64_t height, int64_t width,
+                                    int64_t batch) {
+  return channels * height * ceil_div(batch, BatchTiles<scalar_t>::batch_tile) *
+         ceil_div(width, kCols);
+}
+
+// Thread e's rows (the order of the file's first comment).
+template <int kCols, typename scalar_t, typename index_t>
+REGGAN_HD RowBlock<index_t> row_block(index_t e, int64_t height, int64_t width, int64_t batch) {
+  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
+  const index_t blocks = static_cast<index_t>(ceil_div(width, kCols));
+  const index_t tiles = static_cast<index_t>(ceil_div(batch, kTile));
+  const index_t rows = static_cast<index_t>(height);
+  const index_t col0 = e % blocks * kCols;
+  e /= blocks;
+  const index_t n0 = e % tiles * kTile;
+  e /= tiles;
+  return {e / rows, e % rows, n0, col0};
+}
+
 template <int kCols, typename scalar_t>
 REGGAN_HD int64_t forward_threads(const LocalGeometry& g) {
-  return g.out_channels * g.out_height * ceil_div(g.batch, BatchTiles<scalar_t>::batch_tile) *
-         ceil_div(g.out_width, kCols);
+  return row_block_threads<kCols, scalar_t>(g.out_channels, g.out_height, g.out_width, g.batch);
 }
 
 template <int kCols, bool kUnitColumns, int kQuads, typename scalar_t, typename index_t>
@@ -406,18 +434,8 @@ template <int kCols, bool kUnitColumns, int kQuads = -1, typename scalar_t, type
 REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                               const LocalGeometry& g, index_t e) {
-  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
-  const index_t blocks = static_cast<index_t>(ceil_div(g.out_width, kCols));
-  const index_t height = g.out_height;
-  const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kTile));
-  const index_t block = e % blocks;
-  e /= blocks;
-  const index_t tile = e % tiles;
-  e /= tiles;
-  const index_t i = e % height;
-  const index_t o = e / height;
-  forward_outputs<kCols, kUnitColumns, kQuads>(x, w, bias, y, g, tile * kTile, o, i,
-                                               block * kCols);
+  const RowBlock<index_t> t = row_block<kCols, scalar_t>(e, g.out_height, g.out_width, g.batch);
+  forward_outputs<kCols, kUnitColumns, kQuads>(x, w, bias, y, g, t.n0, t.channel, t.row, t.col0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,8 +444,7 @@ REGGAN_HD void forward_thread(const scalar_t* __restrict__ x, const scalar_t* __
 
 template <int kCols, typename scalar_t>
 REGGAN_HD int64_t backward_input_threads(const LocalGeometry& g) {
-  return g.in_channels * g.in_height * ceil_div(g.batch, BatchTiles<scalar_t>::batch_tile) *
-         ceil_div(g.in_width, kCols);
+  return row_block_threads<kCols, scalar_t>(g.in_channels, g.in_height, g.in_width, g.batch);
 }
 
 // The output column whose window reads input column s through kernel column v, or -1 if none.
@@ -585,18 +602,9 @@ REGGAN_HD void backward_input_thread(const scalar_t* __restrict__ grad_y,
                                      const scalar_t* __restrict__ w,
                                      scalar_t* __restrict__ grad_x, const LocalGeometry& g,
                                      index_t e) {
-  constexpr int kTile = BatchTiles<scalar_t>::batch_tile;
-  const index_t blocks = static_cast<index_t>(ceil_div(g.in_width, kCols));
-  const index_t height = g.in_height;
-  const index_t tiles = static_cast<index_t>(ceil_div(g.batch, kTile));
-  const index_t block = e % blocks;
-  e /= blocks;
-  const index_t tile = e % tiles;
-  e /= tiles;
-  const index_t r = e % height;
-  const index_t ci = e / height;
-  backward_input_elements<kCols, kUnitColumns, kQuads>(grad_y, w, grad_x, g, tile * kTile, ci,
-                                                       r, block * kCols);
+  const RowBlock<index_t> t = row_block<kCols, scalar_t>(e, g.in_height, g.in_width, g.batch);
+  backward_input_elements<kCols, kUnitColumns, kQuads>(grad_y, w, grad_x, g, t.n0, t.channel,
+                                                       t.row, t.col0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -100,20 +100,14 @@ constexpr int kTapTile = 4;
 
 namespace {
 
-// Calls fn with the Tag of the instruction set that runs.
-template <typename Fn>
-void with_cpu_isa(Fn&& fn) {
-  switch (cpu_isa()) {
+// The kernels of each instruction set, for with_cpu_isa.
 #ifdef REGGAN_X86_ISAS
-    case CpuIsa::kAvx512:
-      return fn(local_regression_avx512::Tag{});
-    case CpuIsa::kAvx2:
-      return fn(local_regression_avx2::Tag{});
+constexpr CpuIsaTags<local_regression_baseline::Tag, local_regression_avx2::Tag,
+                     local_regression_avx512::Tag>
+    kKernels{};
+#else
+constexpr CpuIsaTags<local_regression_baseline::Tag> kKernels{};
 #endif
-    default:
-      return fn(local_regression_baseline::Tag{});
-  }
-}
 
 // backward_input for stride_w > 1, where the columns of an input row read different taps:
 // grad_x[n, ci, r, :] gathers weight * grad_y over every (o, u, v, i, j) that reads (ci, r).
@@ -179,7 +173,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    with_cpu_isa([&](auto isa) { forward(isa, xp, wp, bp, yp, g); });
+    with_cpu_isa(kKernels, [&](auto isa) { forward(isa, xp, wp, bp, yp, g); });
   });
   return y;
 }
@@ -199,7 +193,7 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& w
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     if (g.stride_w != 1) return backward_input_strided(gyp, wp, gxp, g);
-    with_cpu_isa([&](auto isa) { backward_input(isa, gyp, wp, gxp, g); });
+    with_cpu_isa(kKernels, [&](auto isa) { backward_input(isa, gyp, wp, gxp, g); });
   });
   return grad_x;
 }
@@ -219,7 +213,7 @@ at::Tensor backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& 
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gwp = grad_w.mutable_data_ptr<scalar_t>();
-    with_cpu_isa([&](auto isa) { backward_weight(isa, gyp, xp, gwp, g); });
+    with_cpu_isa(kKernels, [&](auto isa) { backward_weight(isa, gyp, xp, gwp, g); });
   });
   return grad_w;
 }

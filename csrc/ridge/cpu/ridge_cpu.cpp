@@ -113,20 +113,12 @@ constexpr int kSolveParts = 4;
 
 namespace {
 
-// Calls fn with the Tag of the instruction set that runs.
-template <typename Fn>
-void with_cpu_isa(Fn&& fn) {
-  switch (cpu_isa()) {
+// The kernels of each instruction set, for with_cpu_isa.
 #ifdef REGGAN_X86_ISAS
-    case CpuIsa::kAvx512:
-      return fn(ridge_avx512::Tag{});
-    case CpuIsa::kAvx2:
-      return fn(ridge_avx2::Tag{});
+constexpr CpuIsaTags<ridge_baseline::Tag, ridge_avx2::Tag, ridge_avx512::Tag> kKernels{};
+#else
+constexpr CpuIsaTags<ridge_baseline::Tag> kKernels{};
 #endif
-    default:
-      return fn(ridge_baseline::Tag{});
-  }
-}
 
 void accumulate_cpu(const at::Tensor& gram, const at::Tensor& cross, const at::Tensor& target_sq,
                     const at::Tensor& input, const at::Tensor& target,
@@ -146,11 +138,11 @@ void accumulate_cpu(const at::Tensor& gram, const at::Tensor& cross, const at::T
     if (x.scalar_type() == at::kFloat) {
       const float* xp = x.const_data_ptr<float>();
       const float* yp = y.const_data_ptr<float>();
-      with_cpu_isa([&](auto isa) { accumulate(isa, xp, yp, g, r, yy, rg); });
+      with_cpu_isa(kKernels, [&](auto isa) { accumulate(isa, xp, yp, g, r, yy, rg); });
     } else if constexpr (std::is_same_v<acc_t, double>) {
       const double* xp = x.const_data_ptr<double>();
       const double* yp = y.const_data_ptr<double>();
-      with_cpu_isa([&](auto isa) { accumulate(isa, xp, yp, g, r, yy, rg); });
+      with_cpu_isa(kKernels, [&](auto isa) { accumulate(isa, xp, yp, g, r, yy, rg); });
     }
   });
 }
@@ -170,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> solve_cpu(const at::Tensor& gram, const at::T
     const scalar_t* lp = l.const_data_ptr<scalar_t>();
     scalar_t* wp = solution.mutable_data_ptr<scalar_t>();
     int32_t* ip = info.mutable_data_ptr<int32_t>();
-    with_cpu_isa([&](auto isa) { solve(isa, gp, rp, lp, wp, ip, s, penalize_last); });
+    with_cpu_isa(kKernels, [&](auto isa) { solve(isa, gp, rp, lp, wp, ip, s, penalize_last); });
   });
   return {solution, info};
 }
@@ -188,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor> inverse_trace_cpu(const at::Tensor& gram, con
     const scalar_t* lp = l.const_data_ptr<scalar_t>();
     scalar_t* tp = trace.mutable_data_ptr<scalar_t>();
     int32_t* ip = info.mutable_data_ptr<int32_t>();
-    with_cpu_isa([&](auto isa) { inverse_trace(isa, gp, lp, tp, ip, s, penalize_last); });
+    with_cpu_isa(kKernels,
+                 [&](auto isa) { inverse_trace(isa, gp, lp, tp, ip, s, penalize_last); });
   });
   return {trace, info};
 }
