@@ -288,10 +288,6 @@ REGGAN_HD void store_tile(scalar_t* __restrict__ out, index_t image_stride, inde
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward: y[n0 + t, o, i, j0 + jj] for t < min(batch_tile, batch - n0) and
-// jj < min(kCols, out_width - j0).
-
 // A forward or backward_input thread's rows: channel `channel`, row `row`, images from n0 and
 // columns from col0 of `channels` x `height` rows of `width` columns.
 template <typename index_t>
@@ -320,6 +316,10 @@ REGGAN_HD RowBlock<index_t> row_block(index_t e, int64_t height, int64_t width, 
   e /= tiles;
   return {e / rows, e % rows, n0, col0};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Forward: y[n0 + t, o, i, j0 + jj] for t < min(batch_tile, batch - n0) and
+// jj < min(kCols, out_width - j0).
 
 template <int kCols, typename scalar_t>
 REGGAN_HD int64_t forward_threads(const LocalGeometry& g) {
