@@ -6,6 +6,7 @@ backward is two ops of its own so that each gradient is computed only when it is
 """
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from reggan_ext._geometry import IntPair, Padding, explicit_padding, pair
@@ -84,10 +85,11 @@ def local_regression(
 
 # Autograd. register_autograd gives each op its derivatives for autograd and torch.compile. Under
 # torch.func's transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) the Function it generates cannot
-# run (it lacks setup_context: pytorch/pytorch#168393), so there the same formulas run as an
-# autograd.Function of their own. Elsewhere the op is called directly: a Function's Python costs
-# more than a small layer's kernel. torch.compile traces the ops' own vmap rules (below) but not
-# a Function's jvp, so it takes the direct call too.
+# run (it lacks setup_context: pytorch/pytorch#168393), and it has no forward-mode formula, so
+# there and in torch.autograd.forward_ad's dual levels the same formulas, with forward-mode ones,
+# run as an autograd.Function of their own. Elsewhere the op is called directly: a Function's
+# Python costs more than a small layer's kernel. torch.compile traces the ops' own vmap rules
+# (below) but not a Function's jvp, so it takes the direct call too.
 class _Differentiable:
     def __init__(self, op, setup_context, backward, jvp):
         torch.library.register_autograd(op, backward, setup_context=setup_context)
@@ -105,7 +107,8 @@ class _Differentiable:
         })
 
     def __call__(self, *args):
-        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        transformed = torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
+        if transformed and not torch.compiler.is_compiling():
             leaves = (_PytreeLeaf(a) if isinstance(a, tuple) else a for a in args)
             return self.function.apply(*leaves)
         return self.op(*args)

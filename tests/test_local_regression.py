@@ -173,7 +173,9 @@ def test_gradcheck(device, bias):
     def fn(x, w, b=None):
         return local_regression(x, w, b, stride=(2, 2), padding=(1, 0), dilation=(1, 2), groups=2)
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    # Forward mode and the batched checks (vmap over the gradients) too.
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -186,7 +188,7 @@ def test_gradgradcheck(device, bias):
     def fn(x, w, b=None):
         return local_regression(x, w, b, stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2)
 
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs, check_fwd_over_rev=True, check_batched_grad=True)
 
 
 def test_gradient_penalty_matches_reference(device):
