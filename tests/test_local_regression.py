@@ -258,7 +258,6 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(gx, gx_eager)
 
 
-
 @pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
 def test_torch_compile_keeps_the_batch_dynamic(device, how):
     """One graph serves every batch size: the fake kernels keep the batch symbolic."""
@@ -279,6 +278,25 @@ def test_torch_compile_keeps_the_batch_dynamic(device, how):
         torch.testing.assert_close(y, layer(x))
         torch.testing.assert_close(gx, torch.autograd.grad(layer(x).square().sum(), x)[0])
     assert counter.frame_count == 1
+
+
+def test_torch_export_with_a_dynamic_batch(device, tmp_path):
+    """torch.export keeps the op whole (for deployment, e.g. AOTInductor) with the batch
+    symbolic, and the saved program loads and runs on another batch size."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        LocalRegression(3, 4, 3, (10, 9), padding="same", padding_mode="reflect", device=device),
+        torch.nn.Tanh())
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(2, 3, 10, 9, device=device),),
+                                  dynamic_shapes={"input": {0: batch}})
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "reggan_ext.local_regression.default" in targets
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    x = torch.randn(5, 3, 10, 9, device=device)
+    torch.testing.assert_close(loaded(x), model(x))
+
 
 def autocast_device_dtype(device):
     return torch.bfloat16 if device == "cpu" else torch.float16
