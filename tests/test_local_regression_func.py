@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, stack_module_state, vmap
 
-import reggan_ext
 from reggan_ext import LocalRegression, local_regression, reference
 
 from conftest import TOLERANCES
