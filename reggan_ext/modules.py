@@ -1,7 +1,6 @@
 """`LocalRegression`: the locally connected layer as a drop-in module with nn.Conv2d's conventions."""
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
