@@ -55,8 +55,12 @@ test: test-python test-cpp
 test-python: $(VENV)/.installed-test
 	REGGAN_REQUIRE_METRICS=1 $(PY) -m pytest tests  # the extras are installed: no skips for them
 
-test-cpp: $(VENV)/.torch  # libtorch only: CMake builds the kernels itself
-	cmake -S . -B $(BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -Wno-dev
+# CMake builds the kernels itself, against the venv's libtorch. At -O2: the unit tests check the
+# math (pytest checks the -O3 Python build), in two thirds of -O3's compile time (5m06s of CPU
+# against 7m41s on a 2-core machine).
+test-cpp: $(VENV)/.torch
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG" -Wno-dev
 	cmake --build $(BUILD_DIR) -j2
 	ctest --test-dir $(BUILD_DIR) --output-on-failure
 
