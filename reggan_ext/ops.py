@@ -221,8 +221,10 @@ def _leading(tensor, dim, size):
     return tensor.expand(size, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
 
 
-def _into_batch(tensor, dim):
-    return tensor.movedim(dim, 0).flatten(0, 1)
+def _into_first(tensor, dim, size):
+    """(size, A, ...) -> (size * A, ...): samples into the batch, or the weights and biases of
+    size layers into the output channels (groups); None stays None."""
+    return None if tensor is None else _leading(tensor, dim, size).flatten(0, 1)
 
 
 def _into_channels(tensor, dim, size):
@@ -230,21 +232,16 @@ def _into_channels(tensor, dim, size):
     return _leading(tensor, dim, size).transpose(0, 1).flatten(1, 2)
 
 
-def _into_out_channels(tensor, dim, size):
-    """(size, C_out, ...) -> (size * C_out, ...): weights and biases of size layers as groups."""
-    return None if tensor is None else _leading(tensor, dim, size).flatten(0, 1)
-
-
 def _vmap_forward(info, in_dims, input, weight, bias, stride, padding, dilation, groups):
     input_dim, weight_dim, bias_dim = in_dims[:3]
     size = info.batch_size
     if weight_dim is None and bias_dim is None:
-        output = _ops.local_regression.default(_into_batch(input, input_dim), weight, bias,
+        output = _ops.local_regression.default(_into_first(input, input_dim, size), weight, bias,
                                                stride, padding, dilation, groups)
         return output.unflatten(0, (size, -1)), 0
     output = _ops.local_regression.default(
-        _into_channels(input, input_dim, size), _into_out_channels(weight, weight_dim, size),
-        _into_out_channels(bias, bias_dim, size), stride, padding, dilation, groups * size)
+        _into_channels(input, input_dim, size), _into_first(weight, weight_dim, size),
+        _into_first(bias, bias_dim, size), stride, padding, dilation, groups * size)
     return output.unflatten(1, (size, -1)), 1
 
 
@@ -254,12 +251,12 @@ def _vmap_backward_input(info, in_dims, grad_output, weight, input_size, stride,
     size = info.batch_size
     if weight_dim is None:
         grad_input = _ops.local_regression_backward_input.default(
-            _into_batch(grad_output, grad_output_dim), weight, input_size, stride, padding,
+            _into_first(grad_output, grad_output_dim, size), weight, input_size, stride, padding,
             dilation, groups)
         return grad_input.unflatten(0, (size, -1)), 0
     grad_input = _ops.local_regression_backward_input.default(
         _into_channels(grad_output, grad_output_dim, size),
-        _into_out_channels(weight, weight_dim, size), input_size, stride, padding, dilation,
+        _into_first(weight, weight_dim, size), input_size, stride, padding, dilation,
         groups * size)
     return grad_input.unflatten(1, (size, -1)), 1
 
