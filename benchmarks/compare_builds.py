@@ -7,7 +7,7 @@ compare with.
 
     python benchmarks/compare_builds.py BASELINE_TREE [CANDIDATE_TREE] [--pass forward+backward]
                                         [--rounds 4] [--seconds 1.5] [--case SUBSTRING ...]
-                                        [--candidate-env NAME=VALUE ...]
+                                        [--candidate-env NAME=VALUE ...] [--batch-multiplier 4]
 
 `--pass input-gradient` and `--pass weight-gradient` time one of the backward's two kernels
 alone, without autograd and the other kernel around it. Prints, per case, the median and
@@ -15,7 +15,8 @@ fastest time of each build over the rounds and the ratios of both: on a machine 
 neighbours slow some rounds, the fastest rounds are the less disturbed.
 With --candidate-env the candidate's subprocesses also get those environment variables: one
 tree given twice then compares a setting, e.g. THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator
-asks for transparent huge pages)."""
+asks for transparent huge pages). --batch-multiplier times the LocalRegression cases at larger
+batches (their names saying so)."""
 
 import argparse
 import os
@@ -31,7 +32,7 @@ from reggan_ext import RidgeFitter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from local_regression_cases import (  # noqa: E402
-    CASES, IMPLEMENTATIONS, PASSES, make_inputs, pass_fn)
+    CASES, IMPLEMENTATIONS, PASSES, make_inputs, pass_fn, scaled_cases)
 from ridge_table import workload  # noqa: E402
 
 RIDGE_PASS = "ridge-update"
@@ -81,14 +82,14 @@ def backward_kernel_fn(case, which):
     return lambda: op(grad, x, [kernel, kernel], *geometry)
 
 
-def time_in_this_process(case_name, which, seconds):
+def time_in_this_process(case, which, seconds):
     """Child: the mean seconds of one pass over repetitions filling `seconds` (at least one)."""
     if which == RIDGE_PASS:
-        fn = ridge_update_fn(RIDGE_CASES[case_name])
+        fn = ridge_update_fn(case)
     elif which in KERNEL_PASSES:
-        fn = backward_kernel_fn(CASES[case_name], which)
+        fn = backward_kernel_fn(case, which)
     else:
-        fn = pass_fn(IMPLEMENTATIONS["kernel"], CASES[case_name], "cpu", torch.float32, which)
+        fn = pass_fn(IMPLEMENTATIONS["kernel"], case, "cpu", torch.float32, which)
     fn()
     start, calls = time.perf_counter(), 0
     while calls == 0 or time.perf_counter() - start < seconds:
@@ -110,10 +111,18 @@ def main():
                         help="substrings selecting cases (default: every case)")
     parser.add_argument("--candidate-env", nargs="*", default=[], metavar="NAME=VALUE",
                         help="environment variables of the candidate's subprocesses only")
+    parser.add_argument("--batch-multiplier", type=int, default=1,
+                        help="multiplies the batch of every LocalRegression case")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch_multiplier < 1:
+        sys.exit("--batch-multiplier must be >= 1")
+    if args.which == RIDGE_PASS and args.batch_multiplier != 1:
+        sys.exit("--batch-multiplier applies to the LocalRegression cases, not ridge-update's")
+    all_cases = (RIDGE_CASES if args.which == RIDGE_PASS
+                 else scaled_cases(CASES, args.batch_multiplier))
     if args.child:
-        print(time_in_this_process(args.child[0], args.child[1], args.seconds))
+        print(time_in_this_process(all_cases[args.child[0]], args.child[1], args.seconds))
         return
     malformed = [item for item in args.candidate_env
                  if "=" not in item or not item.partition("=")[0]]
@@ -126,7 +135,6 @@ def main():
     for tree in builds.values():
         if not os.path.isdir(os.path.join(tree, "reggan_ext")):
             sys.exit(f"{tree} holds no reggan_ext package")
-    all_cases = RIDGE_CASES if args.which == RIDGE_PASS else CASES
     cases = [name for name in all_cases if not args.case or any(s in name for s in args.case)]
     if not cases:
         sys.exit(f"no case matches {args.case}; the cases: {list(all_cases)}")
@@ -136,7 +144,7 @@ def main():
             for build, tree in builds.items():
                 child = subprocess.run(
                     [sys.executable, __file__, tree, "--seconds", str(args.seconds),
-                     "--child", case, args.which],
+                     "--batch-multiplier", str(args.batch_multiplier), "--child", case, args.which],
                     env={**os.environ, "PYTHONPATH": tree, **extra_env[build]}, cwd=tree,
                     capture_output=True, text=True)
                 if child.returncode != 0:

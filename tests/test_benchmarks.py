@@ -89,18 +89,19 @@ def test_compare_builds_times_both_builds(tmp_path, monkeypatch):
     build = os.path.dirname(os.path.dirname(os.path.abspath(reggan_ext.__file__)))
     out = subprocess.run(
         [sys.executable, script, build, build, "--rounds", "1", "--seconds", "0.01",
-         "--pass", "forward", "--case", "per-channel 128x128 k3"],
+         "--pass", "forward", "--case", "per-channel 128x128 k3", "--batch-multiplier", "2"],
         check=True, capture_output=True, text=True).stdout
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| N16")]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| N32")]
     assert len(rows) == 1 and all(float(ratio) > 0 for ratio in rows[0][-2:]), out
     # What a child times for the backward's kernels alone, in this process (a subprocess each
     # would mostly time importing torch).
     monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
     import compare_builds
     for which in compare_builds.KERNEL_PASSES:
-        assert compare_builds.time_in_this_process("N16 3->3 per-channel 128x128 k3", which, 0) > 0
-    assert compare_builds.time_in_this_process("N8 3->3 groups=1 64x64 k5",
-                                               compare_builds.RIDGE_PASS, 0) > 0
+        case = compare_builds.CASES["N16 3->3 per-channel 128x128 k3"]
+        assert compare_builds.time_in_this_process(case, which, 0) > 0
+    ridge_case = compare_builds.RIDGE_CASES["N8 3->3 groups=1 64x64 k5"]
+    assert compare_builds.time_in_this_process(ridge_case, compare_builds.RIDGE_PASS, 0) > 0
     missing = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True,
                              text=True)
     assert missing.returncode != 0 and "holds no reggan_ext package" in missing.stderr
@@ -122,3 +123,9 @@ def test_compare_builds_times_both_builds(tmp_path, monkeypatch):
     malformed = subprocess.run([sys.executable, script, build, "--candidate-env", "=1"],
                                capture_output=True, text=True)
     assert malformed.returncode != 0 and "NAME=VALUE" in malformed.stderr
+    for arguments, message in ((["--batch-multiplier", "0"], "must be >= 1"),
+                               (["--batch-multiplier", "2", "--pass", "ridge-update"],
+                                "not ridge-update's")):
+        refused = subprocess.run([sys.executable, script, build, *arguments],
+                                 capture_output=True, text=True)
+        assert refused.returncode != 0 and message in refused.stderr

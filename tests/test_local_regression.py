@@ -369,7 +369,8 @@ def test_backward_is_bitwise_equal_across_thread_counts(in_channels, out_channel
 # their size; with strided or dilated rows it sums one row over tiles of 16 down to 1 samples (8
 # without AVX-512). The input gradient splits batches into tiles of 16, 8, 4, 2 and 1 samples (8
 # down to 1 without AVX-512), one of each size at most once the widest are taken. Padded scratch
-# rows hold 128 KiB per thread, past which the kernels step over channels or samples.
+# rows hold 128 KiB per thread (the weight gradient's up to 4 MiB), past which the kernels step
+# over channels or samples.
 KERNEL_PATHS = {
     "one column": (3, 2, 2, (5, 1), 3, 1, 1, 1, 1),
     "tails of blocks and batch tiles": (5, 3, 3, (7, 37), 3, 1, 1, 1, 3),
@@ -382,6 +383,9 @@ KERNEL_PATHS = {
     # 5 rows of 212 float64 or more per sample: every kernel in steps of samples (backward_weight,
     # which also packs grad_y rows, past about 40 float64 samples).
     "steps of samples": (100, 1, 1, (3, 200), 5, 1, 2, 1, 1),
+    # A band's rows of the weight gradient over 128 KiB: its scratch may take 4 MiB, which 1000
+    # columns of grad_y rows of 16 channels fill in 7 to 29 samples.
+    "steps of samples, a large weight gradient": (32, 16, 16, (2, 1000), 3, 1, 1, 1, 1),
     # 31 = 16 + 8 + 4 + 2 + 1 and 17 = 16 + 1: every batch tile, and the widest then the narrowest.
     "batch tiles of every size": (31, 2, 2, (4, 37), 3, 1, 1, 1, 2),
     "widest and narrowest batch tiles": (17, 1, 2, (3, 20), 3, 1, 1, 1, 1),

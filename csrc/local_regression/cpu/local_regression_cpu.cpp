@@ -35,6 +35,11 @@ constexpr int64_t kMinTaskWork = 1 << 14;
 // A task's padded scratch rows fit in about this much of L2.
 template <typename T>
 constexpr int64_t kScratchElements = (128 << 10) / sizeof(T);
+// The weight gradient's scratch may grow to about this per thread where a task's rows of grad_w
+// take more than kScratchElements: fewer steps of samples, each reading and writing them from
+// memory, then save more than the scratch's overflowing L2 costs (benchmarks/RESULTS.md).
+template <typename T>
+constexpr int64_t kWeightGradientScratchElements = (int64_t(4) << 20) / sizeof(T);
 // A forward or input-gradient task reads about this many bytes of each weight plane it uses, in
 // one ascending span, and a step of channels at most kWeightStreams planes at once: the hardware
 // prefetcher follows a few long streams ahead of the loads, not many short ones.

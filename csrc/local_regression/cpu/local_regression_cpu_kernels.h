@@ -27,13 +27,13 @@ int64_t scratch_row_length(int64_t width, int64_t extra) {
   return (width + lanes - 1) / lanes * lanes + extra;
 }
 
-// Splits `samples` x `channels` items of `item` scratch elements into steps that fit the
-// scratch: every sample and as many channels as fit, else one channel and as many whole widest
-// batch tiles of samples as fit.
+// Splits `samples` x `channels` items of `item` scratch elements into steps that fit a scratch of
+// `budget` elements: every sample and as many channels as fit, else one channel and as many whole
+// widest batch tiles of samples as fit.
 template <typename T>
 void scratch_steps(int64_t item, int64_t samples, int64_t channels, int64_t* n_step,
-                   int64_t* c_step) {
-  const int64_t fit = std::max<int64_t>(1, kScratchElements<T> / item);
+                   int64_t* c_step, int64_t budget = kScratchElements<T>) {
+  const int64_t fit = std::max<int64_t>(1, budget / item);
   if (fit >= samples) {
     *n_step = std::max<int64_t>(1, samples);
     *c_step = std::clamp<int64_t>(fit / *n_step, 1, std::max<int64_t>(1, channels));
@@ -702,8 +702,15 @@ void backward_weight(Tag, const T* grad_y, const T* x, T* grad_w, const LocalGeo
   // evict each other from the few cache sets they share.
   const int64_t gy_len = scratch_row_length<T>(g.out_width, 0);
   const int64_t gy_sample = g.out_per_group() * band_rows * gy_len;
+  // Each step of samples after the first reads and writes the task's rows of grad_w again. Where
+  // those take more than a scratch, they come from memory each time, which costs more than a
+  // scratch beyond L2.
+  const int64_t task_grad_w = g.out_per_group() * g.in_per_group() * g.kernel_h * g.kernel_w *
+                              band_rows * g.out_width;
   int64_t n_step, unused;
-  scratch_steps<T>(offsets * window_row + gy_sample, g.batch, 1, &n_step, &unused);
+  scratch_steps<T>(offsets * window_row + gy_sample, g.batch, 1, &n_step, &unused,
+                   task_grad_w > kScratchElements<T> ? kWeightGradientScratchElements<T>
+                                                     : kScratchElements<T>);
   const int64_t work = g.batch * g.out_per_group() * g.in_per_group() * g.kernel_h *
                        g.kernel_w * g.out_width * band_rows;
   const bool large = g.out_channels * g.in_per_group() * g.kernel_h * g.kernel_w *
