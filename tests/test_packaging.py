@@ -1,4 +1,5 @@
-"""The source distribution builds and tests the package as a clone does."""
+"""Installing: the source distribution builds and tests the package as a clone does, and an
+unbuilt or unloadable kernel library says how to build it."""
 
 import subprocess
 import sys
@@ -36,3 +37,12 @@ def test_sdist_holds_every_source_and_no_build_output(tmp_path):
     missing = sorted(source_files() - shipped)
     assert not missing, f"not in the sdist (MANIFEST.in decides): {missing}"
     assert not [name for name in shipped if name.endswith(BUILD_SUFFIXES)]
+
+
+def test_unloadable_kernels_say_how_to_build_them():
+    # None in sys.modules fails the import of reggan_ext._C as an unbuilt source tree does.
+    code = "import sys; sys.modules['reggan_ext._C'] = None; import reggan_ext"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "are not built, or do not load" in result.stderr
+    assert "pip install --no-build-isolation -e ." in result.stderr
