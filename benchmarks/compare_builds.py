@@ -16,7 +16,8 @@ neighbours slow some rounds, the fastest rounds are the less disturbed.
 With --candidate-env the candidate's subprocesses also get those environment variables: one
 tree given twice then compares a setting, e.g. THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator
 asks for transparent huge pages). --batch-multiplier times the LocalRegression cases at larger
-batches (their names saying so)."""
+batches (their names saying so). The LocalRegression cases include the tests' tiny one, whose
+time is mostly the cost of a call (Python, dispatch, autograd) rather than its kernels."""
 
 import argparse
 import os
@@ -32,7 +33,7 @@ from reggan_ext import RidgeFitter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from local_regression_cases import (  # noqa: E402
-    CASES, IMPLEMENTATIONS, PASSES, make_inputs, pass_fn, scaled_cases)
+    CASES, IMPLEMENTATIONS, PASSES, QUICK_CASES, make_inputs, pass_fn, scaled_cases)
 from ridge_table import workload  # noqa: E402
 
 RIDGE_PASS = "ridge-update"
@@ -120,7 +121,7 @@ def main():
     if args.which == RIDGE_PASS and args.batch_multiplier != 1:
         sys.exit("--batch-multiplier applies to the LocalRegression cases, not ridge-update's")
     all_cases = (RIDGE_CASES if args.which == RIDGE_PASS
-                 else scaled_cases(CASES, args.batch_multiplier))
+                 else scaled_cases({**CASES, **QUICK_CASES}, args.batch_multiplier))
     if args.child:
         print(time_in_this_process(all_cases[args.child[0]], args.child[1], args.seconds))
         return

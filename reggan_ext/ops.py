@@ -1,8 +1,10 @@
-"""Python front end of the local_regression ops: argument conventions of F.conv2d, autograd and
-torch.func (vmap rules, and the formulas as an autograd.Function for its transforms).
+"""Python front end of the local_regression ops: argument conventions of F.conv2d, and
+torch.func (vmap rules, and the autograd formulas with forward-mode ones as an autograd.Function
+for its transforms).
 
-The schemas, argument checks and fake (Meta) kernels live in C++ (csrc/local_regression); the
-backward is two ops of its own so that each gradient is computed only when it is needed.
+The schemas, argument checks, fake (Meta) kernels and autograd kernels live in C++
+(csrc/local_regression); the backward is two ops of its own so that each gradient is computed
+only when it is needed.
 """
 
 import torch
@@ -83,16 +85,15 @@ def local_regression(
     return _local_regression(input, weight, bias, stride, (top, left), dilation, groups)
 
 
-# Autograd. register_autograd gives each op its derivatives for autograd and torch.compile. Under
-# torch.func's transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) the Function it generates cannot
-# run (it lacks setup_context: pytorch/pytorch#168393), and it has no forward-mode formula, so
-# there and in torch.autograd.forward_ad's dual levels the same formulas, with forward-mode ones,
-# run as an autograd.Function of their own. Elsewhere the op is called directly: a Function's
-# Python costs more than a small layer's kernel. torch.compile traces the ops' own vmap rules
-# (below) but not a Function's jvp, so it takes the direct call too.
+# Autograd. The ops' autograd kernels are C++ (csrc/local_regression/autograd), for autograd and
+# torch.compile alike, and a C++ Function has no forward-mode formula and cannot run under
+# torch.func's transforms (grad, vjp, jacrev, jvp, jacfwd, vmap). There, and in
+# torch.autograd.forward_ad's dual levels, the same formulas, with forward-mode ones, run as an
+# autograd.Function. Elsewhere the op is called directly: a Function's Python costs more than a
+# small layer's kernel. torch.compile traces the ops' own vmap rules (below) but not a Function's
+# jvp, so it takes the direct call too.
 class _Differentiable:
     def __init__(self, op, setup_context, backward, jvp):
-        torch.library.register_autograd(op, backward, setup_context=setup_context)
         self.op = op
 
         def forward(*args):  # a Python function, as torch.compile requires of a Function

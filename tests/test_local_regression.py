@@ -205,6 +205,39 @@ def test_gradient_penalty_matches_reference(device):
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)
 
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "input, weight, bias"])
+def test_backward_runs_only_the_kernels_of_the_gradients_asked_for(device, wanted):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    tensors = {"input": torch.randn(2, 3, 6, 5, device=device),
+               "weight": torch.randn(3, 1, 3, 3, 6, 5, device=device),
+               "bias": torch.randn(3, 6, 5, device=device)}
+    for t in tensors.values():
+        t.requires_grad_()
+    y = local_regression(*tensors.values(), padding=1, groups=3)
+    with Calls() as calls:
+        grads = torch.autograd.grad(y.sum(), [tensors[name] for name in wanted.split(", ")])
+    kernels = {"input": "local_regression_backward_input.default",
+               "weight": "local_regression_backward_weight.default"}
+    assert [n for n in calls.names if n.startswith("local_regression")] == [
+        kernels[name] for name in wanted.split(", ") if name in kernels]
+    references = reference_grads(lambda x, w, b: reference.local_regression(x, w, b, 1, 1, 1, 3),
+                                 *tensors.values(), torch.ones_like(y))
+    for name, grad in zip(wanted.split(", "), grads):
+        want = references[1 + list(tensors).index(name)]
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4)
+
+
 def opcheck_samples(device):
     torch.manual_seed(0)
     samples = []

@@ -1,9 +1,10 @@
-// Schema of the local_regression ops, the argument checks every backend shares, the Meta
-// kernels that give fake tensors (torch.compile, opcheck) their shapes through the same checks,
-// and the forward's autocast kernels.
+// Schema of the local_regression ops, the argument checks every backend shares, the ops' calls
+// through the dispatcher, the Meta kernels that give fake tensors (torch.compile, opcheck) their
+// shapes through the same checks, and the forward's autocast kernels.
 #include "local_regression/local_regression.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -66,13 +67,11 @@ LocalGeometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_heigh
   return g;
 }
 
-namespace {
-
-// Sizes the checks read. The layer fixes every size but the batch, so reading one as an int
-// specializes nothing; the batch stays symbolic under torch.compile's dynamic shapes.
 int64_t fixed_size(const at::Tensor& t, int64_t dim) {
   return t.sym_size(dim).guard_int(__FILE__, __LINE__);
 }
+
+namespace {
 
 // The batch as the kernels read it. Only fake tensors have a symbolic one, and the fake kernels
 // take it from sym_size(0) (with_batch) instead.
@@ -197,6 +196,50 @@ LocalGeometry check_backward_weight_args(const at::Tensor& grad_output, const at
 
 namespace {
 
+using ForwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                    const std::optional<at::Tensor>&, at::IntArrayRef,
+                                    at::IntArrayRef, at::IntArrayRef, int64_t);
+// Both backward ops: two tensors, a size, then the geometry.
+using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+at::Tensor call_local_regression(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  static const auto op = find_op<ForwardSignature>("reggan_ext::local_regression");
+  return op.call(input, weight, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor call_local_regression_backward_input(const at::Tensor& grad_output,
+                                                const at::Tensor& weight,
+                                                at::IntArrayRef input_size,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups) {
+  static const auto op =
+      find_op<BackwardSignature>("reggan_ext::local_regression_backward_input");
+  return op.call(grad_output, weight, input_size, stride, padding, dilation, groups);
+}
+
+at::Tensor call_local_regression_backward_weight(const at::Tensor& grad_output,
+                                                 const at::Tensor& input,
+                                                 at::IntArrayRef kernel_size,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups) {
+  static const auto op =
+      find_op<BackwardSignature>("reggan_ext::local_regression_backward_weight");
+  return op.call(grad_output, input, kernel_size, stride, padding, dilation, groups);
+}
+
+namespace {
+
 at::Tensor forward_meta(const at::Tensor& input, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -232,20 +275,18 @@ at::Tensor forward_autocast(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocast);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("reggan_ext::local_regression", "")
-                             .typed<decltype(forward_meta)>();
   const bool floating = at::isFloatingType(input.scalar_type()) &&
                         at::isFloatingType(weight.scalar_type()) &&
                         (!bias.has_value() || at::isFloatingType(bias->scalar_type()));
   if (!floating) {  // left to the checks' errors
-    return op.call(input, weight, bias, stride, padding, dilation, groups);
+    return call_local_regression(input, weight, bias, stride, padding, dilation, groups);
   }
   at::ScalarType type = c10::promoteTypes(input.scalar_type(), weight.scalar_type());
   if (bias.has_value()) type = c10::promoteTypes(type, bias->scalar_type());
   const std::optional<at::Tensor> cast_bias =
       bias.has_value() ? std::optional<at::Tensor>(bias->to(type)) : std::nullopt;
-  return op.call(input.to(type), weight.to(type), cast_bias, stride, padding, dilation, groups);
+  return call_local_regression(input.to(type), weight.to(type), cast_bias, stride, padding,
+                               dilation, groups);
 }
 
 }  // namespace

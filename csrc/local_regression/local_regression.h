@@ -33,6 +33,26 @@ LocalGeometry check_backward_weight_args(const at::Tensor& grad_output, const at
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t groups);
 
+// A size that the layer fixes (every one but the batch) as an int. Reading it specializes
+// nothing, so the batch stays symbolic under torch.compile's dynamic shapes.
+int64_t fixed_size(const at::Tensor& t, int64_t dim);
+
+// The ops called through the dispatcher from its top: autograd and autocast included.
+at::Tensor call_local_regression(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups);
+at::Tensor call_local_regression_backward_input(const at::Tensor& grad_output,
+                                                const at::Tensor& weight,
+                                                at::IntArrayRef input_size,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups);
+at::Tensor call_local_regression_backward_weight(const at::Tensor& grad_output,
+                                                 const at::Tensor& input,
+                                                 at::IntArrayRef kernel_size,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups);
+
 // Sizes of the tensors of a geometry.
 std::vector<int64_t> input_shape(const LocalGeometry& g);
 std::vector<int64_t> output_shape(const LocalGeometry& g);
