@@ -1,9 +1,10 @@
 // Autograd kernels of the local_regression ops. They are C++ so that the layer's forward and
-// backward run no Python between its kernels: the autograd.Function that torch.library.register_autograd makes
-// cost more per call than a small layer's kernels (`benchmarks/compare_builds.py --case 16x16`
-// times the tiny case, mostly that cost). A C++ Function's needs_input_grad also knows which
-// gradients a call of torch.autograd.grad asks for, where a Python one only knows which inputs
-// require grad, so the backward runs no kernel whose gradient is not wanted.
+// backward run no Python between its kernels: the autograd.Function that
+// torch.library.register_autograd makes cost more per call than a small layer's kernels
+// (`benchmarks/compare_builds.py --case 16x16` times the tiny case, mostly that cost). A C++
+// Function's needs_input_grad also knows which gradients a call of torch.autograd.grad asks
+// for, where a Python one only knows which inputs require grad, so the backward runs no kernel
+// whose gradient is not wanted.
 //
 // Each op's derivatives are the other two ops, called from the dispatcher's top, so gradients of
 // gradients come back through these kernels and are exact to any order. reggan_ext/ops.py
